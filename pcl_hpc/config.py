@@ -1,0 +1,190 @@
+"""Typed configuration: one small dataclass per section, loaded from YAML, overridable from the CLI.
+
+A config file is a YAML mapping of sections (``data``, ``model``, ...) to keys. Command-line
+overrides are ``section.key=value`` (the value is parsed as YAML, so ``3``, ``0.1``, ``true`` and
+``[1, 2]`` get their natural types). Unknown sections or keys fail with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pcl_hpc.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be used; the message says which and what to do."""
+
+
+@dataclass
+class DataConfig:
+    raw_dir: str = ""  # folder of input volumes (read by `preprocess`)
+    layout: str = "generic"  # how raw_dir is organised: generic (imagesTr/labelsTr) or a folder of images
+    store: str = ""  # the Zarr store written by `preprocess` and read by training
+    modality: str = "mri"  # mri: per-volume percentile clip + z-score; ct: percentile clip to [0, 1]
+    clip_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+    target_spacing: list[float] | None = None  # in-plane (y, x) spacing in mm; None keeps the source
+    patch: int = 64  # slices are centre-cropped / zero-padded to patch x patch
+    gcl_partitions: int = 4  # GCL: each volume is split into this many equal partitions along z
+    folds: int = 5  # patient-level folds written to the manifest
+    num_workers: int = 0  # DataLoader workers per rank
+
+
+@dataclass
+class ModelConfig:
+    width: int = 16  # f: channels of the first U-Net level (paper: 48 for ACDC, 32 for CHD)
+    in_channels: int = 1
+    projection_dim: int = 512
+
+
+@dataclass
+class LossConfig:
+    method: str = "pcl"  # pcl | gcl | simclr
+    threshold: float = 0.1  # pcl: |p_i - p_j| < threshold makes a positive pair
+    temperature: float = 0.1
+    base_temperature: float = 0.07
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0 = run all epochs; otherwise stop after this many optimizer steps
+    batch_size: int = 32  # slices per rank per step (each gives two views)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    augment: bool = True
+    volumes: list[str] | None = None  # volume ids to pretrain on; None = all in the store
+    exclude_volumes: list[str] = field(default_factory=list)  # e.g. the test split
+    log_every: int = 10
+
+
+@dataclass
+class FinetuneConfig:
+    encoder: str = ""  # "" = random init; a path to encoder.pt or models:/<name>@<alias>
+    num_classes: int = 4  # foreground classes; the network predicts num_classes + 1
+    train_volumes: list[str] = field(default_factory=list)
+    val_volumes: list[str] = field(default_factory=list)
+    test_volumes: list[str] = field(default_factory=list)
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    augment: bool = True
+    log_every: int = 10
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = sqlite file <output_dir>/../mlflow.db unless MLFLOW_TRACKING_URI is set
+    experiment: str = "pcl-hpc"
+    run_name: str = ""
+    register_name: str = "pcl-encoder"  # registered model name for pretrained encoders
+    alias: str = "candidate"  # MLflow reserves "latest"
+
+
+@dataclass
+class EngineConfig:
+    backend: str = ""  # "" = nccl on CUDA, gloo otherwise
+    threads: int = 0  # torch threads per process; 0 = cores / local ranks
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _field_names(obj) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    """Set ``section.key`` (or a top-level key) on ``cfg``; unknown names raise ConfigError."""
+    parts = dotted.split(".")
+    target: Any = cfg
+    for depth, name in enumerate(parts):
+        valid = _field_names(target)
+        if name not in valid:
+            where = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}' ({name!r} is not in {where}); "
+                f"valid keys there: {', '.join(valid)}"
+            )
+        if depth == len(parts) - 1:
+            current = getattr(target, name)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: '{dotted}' is a section; give it a mapping of keys")
+                for key, sub in value.items():
+                    _set(cfg, f"{dotted}.{key}", sub, source)
+            else:
+                setattr(target, name, value)
+        else:
+            target = getattr(target, name)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"{source}: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    cfg = Config()
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path} (pass --config with an existing YAML file, e.g. configs/demo.yaml)")
+        try:
+            content = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for key, value in content.items():
+            _set(cfg, str(key), value, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw else "", "command line")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every leaf (used for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(name, value)
+            else:
+                out[name] = value
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config next to the outputs, so a run can be reproduced from its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

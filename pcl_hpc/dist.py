@@ -1,0 +1,108 @@
+"""The one place that knows where a process sits in a job: torchrun, SLURM/submitit, or a plain run.
+
+Everything else asks `DistEnv` for rank, world size and device, and uses `is_main` to decide who
+logs and saves (nanoGPT's `master_process`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    source: str = "single"  # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+
+def detect() -> DistEnv:
+    """Read rank and world size from torchrun's variables, else SLURM's, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
+    return DistEnv()
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    # scontrol expands compressed lists like node[01-04]; the first host is the rendezvous point.
+    try:
+        import subprocess
+
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else "127.0.0.1"
+    except (OSError, subprocess.SubprocessError):
+        return "127.0.0.1"
+
+
+def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
+    """Initialise the process group when the job has more than one process; return where we are."""
+    env = detect()
+    if not env.distributed or torch_dist.is_initialized():
+        return env
+    if env.source == "slurm":
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
+        os.environ["LOCAL_RANK"] = str(env.local_rank)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    # A bounded timeout: a rank that dies makes the others fail instead of hanging until the wall clock.
+    torch_dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return env
+
+
+def teardown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def set_threads(env: DistEnv, threads: int = 0) -> None:
+    """Split the CPU cores among the ranks of this node so they do not oversubscribe."""
+    if threads <= 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size if env.distributed else 1))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(threads)
+
+
+def all_reduce_mean(value: float) -> float:
+    """Average a Python number over ranks (for logging)."""
+    if not torch_dist.is_initialized():
+        return value
+    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return float(t.item()) / torch_dist.get_world_size()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,199 @@
+"""Contrastive losses for PCL pretraining (SupCon form), exact across any number of ranks.
+
+One process: the loss is SupCon with ``contrast_mode="all"`` over the N*V views of a batch
+(Khosla et al. 2020), with positives chosen by the method (Zeng et al. 2021):
+
+* ``simclr``: only the other view(s) of the same slice;
+* ``gcl``: also every slice of the same partition (Chaitanya et al. 2020, GCL-D);
+* ``pcl``: also every slice whose position differs by less than ``threshold``.
+
+For anchor ``a``, with cosine similarities ``s`` and positives ``P(a)``::
+
+    loss_a = -(T / T_base) * mean_{p in P(a)} [ s_ap / T - log sum_{c != a} exp(s_ac / T) ]
+
+and the loss is the mean of ``loss_a`` over all anchors.
+
+Several ranks: every rank gathers all features (with autograd) and computes only its own N*V
+anchor rows against all W*N*V columns, returning the mean over its anchors. The all_gather
+backward sums (reduce-scatters) the gradients that the other ranks' losses send to this rank's
+features, so a rank's feature gradient is d(sum_r loss_r)/dx = W * dL/dx, where L is the
+single-process loss on the concatenated batch. DDP then averages parameter gradients over ranks,
+which divides that W back out: the update equals the single-process one exactly. (Computing the
+full matrix on every rank instead would make gradients W times too large.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+METHODS = ("pcl", "gcl", "simclr")
+
+try:  # the non-deprecated name; the older one only warns and forwards to it
+    from torch.distributed._functional_collectives import all_gather_single_autograd as _all_gather_autograd
+except ImportError:  # pragma: no cover - older torch
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd as _all_gather_autograd
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_and_rank() -> tuple[int, int]:
+    if _is_distributed():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_with_grad(t: Tensor, group=None) -> Tensor:
+    """Concatenate ``t`` from every rank along dim 0, with gradients flowing back to each rank.
+
+    Returns ``t`` unchanged when torch.distributed is not initialised or has one rank. All
+    ranks must pass the same shape; otherwise every rank raises ValueError (a gather of
+    unequal blocks would otherwise misalign rows silently or hang).
+    """
+    if not _is_distributed():
+        return t
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+
+    # Compare shapes first: (N, elements per row, ndim) covers every mismatch that matters.
+    rows = t.shape[0] if t.dim() > 0 else 1
+    shape = torch.tensor([rows, t[0].numel() if t.dim() > 0 and rows > 0 else 0, t.dim()],
+                         dtype=torch.int64, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        per_rank = ", ".join(f"rank {r}: N={int(s[0])}, row size={int(s[1])}, ndim={int(s[2])}"
+                             for r, s in enumerate(shapes))
+        raise ValueError(
+            "gather_with_grad needs the same tensor shape on every rank (equal per-rank batch size, "
+            f"e.g. drop_last=True in the sampler); got {per_rank}"
+        )
+
+    # The functional collective's backward is exact on gloo; torch.distributed.nn's all_gather
+    # backward is wrong for non-contiguous incoming gradients, so it is not used here.
+    out = _all_gather_autograd(t.contiguous(), 0, group)
+    return out
+
+
+def _validate(features, positions, partitions, method, temperature, base_temperature, chunk_size):
+    if method not in METHODS:
+        raise ValueError(f"unknown contrastive method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(features, Tensor) or features.dim() != 3:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a (N, V, D) tensor of L2-normalised views, got {shape}")
+    n, views, _ = features.shape
+    if n == 0:
+        raise ValueError("features is empty (N=0); every rank needs at least one slice")
+    if views < 2:
+        raise ValueError(f"features needs at least 2 views per slice (V >= 2), got V={views}")
+    if method == "pcl":
+        if positions is None:
+            raise ValueError("method 'pcl' needs positions: a (N,) tensor of slice positions in (0, 1]")
+        if positions.shape != (n,):
+            raise ValueError(f"positions must have shape ({n},) to match features, got {tuple(positions.shape)}")
+    if method == "gcl":
+        if partitions is None:
+            raise ValueError("method 'gcl' needs partitions: a (N,) integer tensor of partition ids")
+        if partitions.shape != (n,):
+            raise ValueError(f"partitions must have shape ({n},) to match features, got {tuple(partitions.shape)}")
+    if not temperature > 0 or not base_temperature > 0:
+        raise ValueError(f"temperature and base_temperature must be > 0, got {temperature} and {base_temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
+
+
+def _positive_mask(rows: slice, col_slice: Tensor, col_key: Tensor | None, method: str,
+                   threshold: float) -> Tensor:
+    """Which columns are positives of the anchors at columns ``rows`` (self-pairs still included)."""
+    mask = col_slice[rows, None] == col_slice[None, :]  # views of the same slice
+    if method == "pcl":
+        mask |= (col_key[rows, None] - col_key[None, :]).abs() < threshold
+    elif method == "gcl":
+        mask |= col_key[rows, None] == col_key[None, :]
+    return mask
+
+
+def _rows_loss(anchors: Tensor, columns: Tensor, first: int, col_slice: Tensor, col_key: Tensor | None,
+               method: str, threshold: float, temperature: float, scale: float) -> Tensor:
+    """Per-anchor loss for anchors that are columns ``first, first+1, ...`` of the full matrix.
+
+    The masks are built in here, not passed in, so a checkpointed block keeps no (rows x columns)
+    tensor alive between forward and backward.
+    """
+    count = anchors.shape[0]
+    rows = slice(first, first + count)
+    positive = _positive_mask(rows, col_slice, col_key, method, threshold)
+    anchor_ids = torch.arange(first, first + count, device=anchors.device)
+    is_self = anchor_ids[:, None] == torch.arange(columns.shape[0], device=anchors.device)[None, :]
+    positive &= ~is_self
+
+    logits = anchors @ columns.T / temperature
+    # logsumexp subtracts the row max itself, so this is stable at any temperature.
+    log_norm = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
+    log_prob = logits - log_norm
+    mean_pos = torch.where(positive, log_prob, 0.0).sum(1) / positive.sum(1)
+    return -scale * mean_pos
+
+
+def contrastive_loss(
+    features: Tensor,
+    positions: Tensor | None = None,
+    partitions: Tensor | None = None,
+    *,
+    method: str = "pcl",
+    threshold: float = 0.1,
+    temperature: float = 0.1,
+    base_temperature: float = 0.07,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """SupCon-style PCL / GCL / SimCLR loss on ``features`` (N, V, D), already L2-normalised.
+
+    ``positions`` (N,) in (0, 1] are needed for ``pcl``; ``partitions`` (N,) ints for ``gcl``.
+    With torch.distributed initialised, the loss covers all ranks' views and each rank returns the
+    mean over its own anchors (see the module docstring for why gradients are then exact under
+    DDP). ``chunk_size`` computes the anchor rows in blocks of that many rows, recomputing each
+    block in backward, so peak memory is about ``chunk_size x (W*N*V)`` instead of ``N*V x W*N*V``.
+    """
+    _validate(features, positions, partitions, method, temperature, base_temperature, chunk_size)
+    n, views, dim = features.shape
+    world, rank = _world_and_rank()
+    device = features.device
+
+    # Columns are ordered sample-major, (global slice, view), so rank r's rows start at r*N*V.
+    columns = gather_with_grad(features).reshape(world * n * views, dim)
+    anchors = features.reshape(n * views, dim)
+    col_slice = torch.arange(world * n, device=device).repeat_interleave(views)
+    first_row = rank * n * views
+
+    if method == "pcl":
+        key = gather_with_grad(positions.detach().to(device=device, dtype=torch.float64))
+    elif method == "gcl":
+        key = gather_with_grad(partitions.detach().to(device=device, dtype=torch.int64))
+    else:
+        key = None
+    col_key = key.repeat_interleave(views) if key is not None else None
+
+    scale = temperature / base_temperature
+    total = n * views
+    step = total if chunk_size is None else min(chunk_size, total)
+    recompute = chunk_size is not None and torch.is_grad_enabled() and (
+        anchors.requires_grad or columns.requires_grad
+    )
+    losses = []
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        args = (anchors[start:stop], columns, first_row + start, col_slice, col_key,
+                method, threshold, temperature, scale)
+        if recompute:
+            # Keep only this block's inputs; its (rows x columns) matrices are rebuilt in backward.
+            losses.append(checkpoint(_rows_loss, *args, use_reentrant=False))
+        else:
+            losses.append(_rows_loss(*args))
+    return torch.cat(losses).mean()
+

@@ -1,0 +1,92 @@
+"""The spine's pretraining, run for real: 2 processes (torchrun, gloo), MLflow sqlite, registry."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from pcl_hpc.config import load_config
+from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
+from pcl_hpc.losses import contrastive_loss
+from pcl_hpc.models.unet import build_pretrain_net
+from pcl_hpc.train.common import seed_everything
+from pcl_hpc.train.pretrain import pretrain_volumes
+from tests.conftest import REPO
+
+BATCH = 4
+
+
+def overrides(store, out, **extra):
+    values = {
+        "data.store": store, "data.patch": 32, "output_dir": out / "pretrain", "model.width": 4,
+        "pretrain.max_steps": 2, "pretrain.batch_size": BATCH, "pretrain.log_every": 1, "pretrain.augment": "false",
+        "tracking.uri": f"sqlite:///{out / 'mlflow.db'}", "tracking.register_name": "test-encoder", **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(demo_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain2")
+    args = overrides(demo_store, out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pcl_hpc", "pretrain", "--config", str(REPO / "configs" / "demo.yaml"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, load_config(str(REPO / "configs" / "demo.yaml"), args)
+
+
+def first_batch_features(cfg, rank, world_size, model):
+    """What rank `rank` encodes at step 1: its sampler's first batch, both views equal (no augmentation)."""
+    dataset = SliceDataset(cfg.data.store, pretrain_volumes(cfg), patch=cfg.data.patch)
+    sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed=cfg.seed)
+    sampler.set_epoch(0)
+    items = [dataset[i] for i in list(sampler)[:BATCH]]
+    images = torch.stack([it["image"] for it in items])
+    positions = torch.stack([it["position"] for it in items])
+    views = images.unsqueeze(1).expand(-1, 2, -1, -1, -1).reshape(2 * BATCH, *images.shape[1:])
+    return model(views).view(BATCH, 2, -1), positions
+
+
+def test_each_rank_loss_saw_both_ranks(two_process_run):
+    out, cfg = two_process_run
+    logged = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]
+    seed_everything(cfg.seed)
+    model = build_pretrain_net(cfg.model)  # the weights every rank starts from; train-mode BN as in the run
+    parts = [first_batch_features(cfg, rank, 2, model) for rank in (0, 1)]
+    loss_kwargs = dict(method="pcl", threshold=cfg.loss.threshold, temperature=cfg.loss.temperature,
+                       base_temperature=cfg.loss.base_temperature)
+    with torch.no_grad():
+        global_loss = contrastive_loss(torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts]), **loss_kwargs)
+        per_rank_only = sum(contrastive_loss(f, p, **loss_kwargs) for f, p in parts) / 2
+    # The logged value is the mean of the two ranks' losses: it must be the loss of the whole batch of 2N,
+    # and must differ from what ranks would get if each saw only its own negatives.
+    assert logged[0]["loss"] == pytest.approx(global_loss.item(), rel=1e-4)
+    assert abs(per_rank_only.item() - global_loss.item()) > 1e-3
+
+
+def test_encoder_saved_and_registered(two_process_run):
+    out, cfg = two_process_run
+    saved = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in saved)
+    from pcl_hpc.models.unet import UNetEncoder
+    UNetEncoder(width=cfg.model.width).load_state_dict(saved)
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    from pcl_hpc.tracking import load_encoder_state
+    loaded = load_encoder_state(f"models:/{cfg.tracking.register_name}@{cfg.tracking.alias}")
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    assert len(runs) == 1, "exactly one MLflow run for a 2-process job"
+    run = runs[0]
+    assert run.data.params["model.width"] == "4"
+    assert run.data.tags["world_size"] == "2"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert (out / "pretrain" / "config.yaml").is_file()
