@@ -18,8 +18,9 @@ anchor rows against all W*N*V columns, returning the mean over its anchors. The 
 backward sums (reduce-scatters) the gradients that the other ranks' losses send to this rank's
 features, so a rank's feature gradient is d(sum_r loss_r)/dx = W * dL/dx, where L is the
 single-process loss on the concatenated batch. DDP then averages parameter gradients over ranks,
-which divides that W back out: the update equals the single-process one exactly. (Computing the
-full matrix on every rank instead would make gradients W times too large.)
+which divides that W back out: the update equals the single-process one exactly. (The full
+matrix on every rank would give the same gradients at W times the work and quadratic memory; a
+gather whose backward keeps only the local gradient block, without summing, would be wrong.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 METHODS = ("pcl", "gcl", "simclr")
+_MAX_DIMS = 8
 
 try:  # the non-deprecated name; the older one only warns and forwards to it
     from torch.distributed._functional_collectives import all_gather_single_autograd as _all_gather_autograd
@@ -61,15 +63,17 @@ def gather_with_grad(t: Tensor, group=None) -> Tensor:
     if world == 1:
         return t
 
-    # Compare shapes first: (N, elements per row, ndim) covers every mismatch that matters.
-    rows = t.shape[0] if t.dim() > 0 else 1
-    shape = torch.tensor([rows, t[0].numel() if t.dim() > 0 and rows > 0 else 0, t.dim()],
-                         dtype=torch.int64, device=t.device)
+    if t.dim() == 0 or t.dim() > _MAX_DIMS:
+        raise ValueError(f"gather_with_grad needs a tensor with 1 to {_MAX_DIMS} dims, got shape {tuple(t.shape)}")
+    # Compare shapes first (padded to a fixed length so every rank sends the same size).
+    shape = torch.full((_MAX_DIMS,), -1, dtype=torch.int64, device=t.device)
+    shape[: t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
     shapes = [torch.empty_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape, group=group)
     if any(not torch.equal(s, shapes[0]) for s in shapes):
-        per_rank = ", ".join(f"rank {r}: N={int(s[0])}, row size={int(s[1])}, ndim={int(s[2])}"
-                             for r, s in enumerate(shapes))
+        per_rank = ", ".join(
+            f"rank {r}: N={int(s[0])} shape={tuple(int(d) for d in s if d >= 0)}" for r, s in enumerate(shapes)
+        )
         raise ValueError(
             "gather_with_grad needs the same tensor shape on every rank (equal per-rank batch size, "
             f"e.g. drop_last=True in the sampler); got {per_rank}"
@@ -77,8 +81,7 @@ def gather_with_grad(t: Tensor, group=None) -> Tensor:
 
     # The functional collective's backward is exact on gloo; torch.distributed.nn's all_gather
     # backward is wrong for non-contiguous incoming gradients, so it is not used here.
-    out = _all_gather_autograd(t.contiguous(), 0, group)
-    return out
+    return _all_gather_autograd(t.contiguous(), 0, group)
 
 
 def _validate(features, positions, partitions, method, temperature, base_temperature, chunk_size):

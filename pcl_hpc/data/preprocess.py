@@ -13,16 +13,19 @@ or other metadata that might identify a patient.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
@@ -115,11 +118,13 @@ def _discover(raw: Path, layout: str) -> tuple[list[_Job], list[tuple[str, str]]
             jobs.append(_Job(stem, str(path)))
     else:
         for sub in ("imagesTr", "imagesTs"):
-            for stem, path in _image_files(raw / sub):
+            files = _image_files(raw / sub)
+            stems = {stem for stem, _ in files}
+            for stem, path in files:
                 m = re.match(r"^(.*)_(\d{4})$", stem)  # nnU-Net channel suffix
-                if m and m.group(2) != "0000":
-                    continue  # PCL uses one channel; extra modalities are ignored
-                case = m.group(1) if m else stem
+                if m and m.group(2) != "0000" and f"{m.group(1)}_0000" in stems:
+                    continue  # PCL uses one channel: only channel 0000 of multi-channel cases
+                case = m.group(1) if m and m.group(2) == "0000" else stem
                 jobs.append(_Job(case, str(path), expect_label=(sub == "imagesTr")))
         labels = dict(_image_files(raw / "labelsTr"))
         for job in jobs:
@@ -166,19 +171,57 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _nifti_truncated(path: str) -> bool:
+    """True if a NIfTI file holds fewer bytes than its header promises.
+
+    ITK silently zero-fills the missing part of a truncated .nii.gz (e.g. an interrupted copy),
+    so this is checked before reading. The gzip trailer's ISIZE settles the common case cheaply;
+    only when it disagrees is the stream decompressed to count the bytes.
+    """
+    try:
+        header = nib.load(path).header
+    except Exception:
+        return False  # not parseable by nibabel: let ITK's reader report it
+    expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if not path.lower().endswith(".gz"):
+        return os.path.getsize(path) < expected
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % (1 << 32):
+            return False
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                total += len(block)
+    except (EOFError, OSError, zlib.error):
+        return True
+    return total < expected
+
+
 def _read(path: str, what: str) -> sitk.Image:
     if os.path.getsize(path) == 0:
         raise _VolumeError(path, f"{what} file is empty (0 bytes); re-export or copy it again")
+    if path.lower().endswith((".nii", ".nii.gz")) and _nifti_truncated(path):
+        raise _VolumeError(
+            path, f"{what} file is truncated (fewer bytes than its header says); copy or export it again"
+        )
     try:
         img = sitk.ReadImage(path)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[-1] if first else "")
+        # ITK's message is "Exception thrown in ...:<line>\n<what went wrong>": keep the latter.
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        errors = [ln.split("ERROR:", 1)[-1].strip() for ln in lines if "ERROR" in ln]
+        detail = errors[0] if errors else (lines[-1] if lines else "")
         raise _VolumeError(
-            path, f"{what} cannot be read ({detail.strip()[:160]}); check the file is a valid NIfTI/NRRD/MHA"
+            path, f"{what} cannot be read ({detail[:200]}); check that it is a valid NIfTI/NRRD/MHA file"
         ) from None
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise _VolumeError(path, f"{what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; give a single-channel 3D volume")
+        raise _VolumeError(
+            path,
+            f"{what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "give a single-channel 3D volume",
+        )
     if img.GetDimension() != 3 or min(img.GetSize()) < 2:
         raise _VolumeError(
             path, f"{what} is not a 3D volume (size {img.GetSize()}); give 3D volumes with at least 2 slices"
@@ -230,13 +273,12 @@ def _convert(job: _Job, settings: dict[str, Any], settings_sha: str, store_path:
                 job.image,
                 f"no label labelsTr/{job.vid}.nii.gz; add it, or move the image to imagesTs/ to use it unlabeled",
             )
-        for p in (job.image, job.label):
-            if p is not None and os.path.getsize(p) == 0:
-                raise _VolumeError(p, "file is empty (0 bytes); re-export or copy it again")
         try:
             src_sha = file_sha256(job.image)
         except OSError as err:
-            raise _VolumeError(job.image, f"cannot read file ({err.strerror}); check it exists and is readable") from None
+            raise _VolumeError(
+                job.image, f"cannot read file ({err.strerror}); check that it exists and is readable"
+            ) from None
         lab_sha = file_sha256(job.label) if job.label else None
         if (
             existing is not None
@@ -269,7 +311,9 @@ def _convert(job: _Job, settings: dict[str, Any], settings_sha: str, store_path:
         img = _resample_inplane(sitk.Cast(img, sitk.sitkFloat32), settings["target_spacing"], sitk.sitkLinear)
         image = sitk.GetArrayFromImage(img).astype(np.float32)  # (Z, H, W)
         if not np.isfinite(image).all():
-            raise _VolumeError(job.image, "image contains NaN or Inf values; fix the export (e.g. replace them with 0)")
+            raise _VolumeError(
+                job.image, "image contains NaN or Inf values; fix the export (e.g. replace them with 0)"
+            )
 
         label = None
         if lab is not None:
@@ -281,7 +325,9 @@ def _convert(job: _Job, settings: dict[str, Any], settings_sha: str, store_path:
                 raise _VolumeError(
                     job.label, f"label values {values.min()}..{values.max()} are outside 0..255; use class ids 0..255"
                 )
-            lab = _resample_inplane(sitk.Cast(lab, sitk.sitkUInt8), settings["target_spacing"], sitk.sitkNearestNeighbor)
+            lab = _resample_inplane(
+                sitk.Cast(lab, sitk.sitkUInt8), settings["target_spacing"], sitk.sitkNearestNeighbor
+            )
             label = sitk.GetArrayFromImage(lab).astype(np.uint8)
 
         image = _normalise(image, settings["modality"], settings["clip_percentiles"])
@@ -307,7 +353,8 @@ def _convert(job: _Job, settings: dict[str, Any], settings_sha: str, store_path:
     except MemoryError:
         return "failed", job.vid, job.image, "out of memory while converting; run with fewer workers"
     except Exception as err:  # keep going: one odd file must not cost the other volumes
-        return "failed", job.vid, job.image, f"unexpected {type(err).__name__}: {err}; please report this file's format"
+        reason = f"unexpected {type(err).__name__}: {err}; please report this file's format"
+        return "failed", job.vid, job.image, reason
 
 
 # ---------------------------------------------------------------- driver
@@ -398,11 +445,17 @@ def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> P
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: the parent may hold threads (zarr IO, torch) that fork would copy broken
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-            futures = [
-                pool.submit(_convert, job, settings, settings_sha, store_path, existing.get(job.vid)) for job in jobs
-            ]
+            futures = {
+                pool.submit(_convert, job, settings, settings_sha, store_path, existing.get(job.vid)): job
+                for job in jobs
+            }
             for fut in as_completed(futures):
-                results.append(fut.result())
+                job = futures[fut]
+                try:
+                    results.append(fut.result())
+                except Exception as err:  # a worker killed (e.g. out of memory) or crashed inside ITK
+                    reason = f"worker process failed ({type(err).__name__}); run again with fewer workers"
+                    results.append(("failed", job.vid, job.image, reason))
                 bar.update()
     else:
         for job in jobs:

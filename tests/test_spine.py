@@ -90,3 +90,42 @@ def test_encoder_saved_and_registered(two_process_run):
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2]
     assert (out / "pretrain" / "config.yaml").is_file()
+
+
+def finetune_config(cfg, out, encoder):
+    run = load_config(str(REPO / "configs" / "demo.yaml"), [
+        f"data.store={cfg.data.store}", "data.patch=32", "model.width=4", f"tracking.uri={cfg.tracking.uri}",
+        f"output_dir={out}", f"finetune.encoder={encoder}", "finetune.epochs=1", "finetune.batch_size=8",
+        "finetune.train_volumes=[dk01]", "finetune.val_volumes=[dk04]", "finetune.test_volumes=[dk05]"])
+    return run
+
+
+def test_finetune_from_registry_records_lineage(two_process_run, tmp_path):
+    out, cfg = two_process_run
+    from pcl_hpc.train.finetune import finetune
+    uri = f"models:/{cfg.tracking.register_name}@{cfg.tracking.alias}"
+    result = finetune(finetune_config(cfg, tmp_path / "ft", uri))
+    assert len(result["mean_per_class"]) == 3 and 0.0 <= result["mean"] <= 1.0
+    assert list(result["per_volume"]) == ["dk05"]
+    model = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
+    encoder = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
+    assert set(f"encoder.{k}" for k in encoder) <= set(model)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
+                              filter_string="tags.stage = 'finetune'")
+    assert len(runs) == 1
+    assert runs[0].data.tags["encoder_name"] == cfg.tracking.register_name
+    assert runs[0].data.tags["encoder_version"] == "1"
+
+
+def test_finetune_from_path_loads_the_encoder(two_process_run, tmp_path):
+    """With lr=0 the fine-tuned encoder's weights must be exactly the pretrained ones from encoder.pt."""
+    out, cfg = two_process_run
+    from pcl_hpc.train.finetune import finetune
+    run = finetune_config(cfg, tmp_path / "ft", str(out / "pretrain" / "encoder.pt"))
+    run.finetune.lr = 0.0
+    finetune(run)
+    encoder = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
+    model = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
+    weights = [k for k in encoder if k.endswith("weight")]
+    assert weights and all(torch.equal(model[f"encoder.{k}"], encoder[k]) for k in weights)

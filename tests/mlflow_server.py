@@ -1,0 +1,147 @@
+"""pytest fixture ``mlflow_server``: a real ``mlflow server`` on 127.0.0.1 for the test session.
+
+Use it from a test module (or conftest.py) with::
+
+    from tests.mlflow_server import mlflow_server  # noqa: F401
+
+and take ``mlflow_server`` as an argument: it is the server's ``http://127.0.0.1:<port>`` URI.
+
+The server (``sys.executable -m mlflow server``, one worker, job runner off) uses a sqlite backend
+and proxied artifacts (``--artifacts-destination``) in a temporary folder, is started on first use
+(~5-10 s; up to ``MLFLOW_TEST_SERVER_TIMEOUT`` s, default 120, on a busy machine) and is shared by
+every module that imports the fixture: the process is reference-counted, and stopped (its whole
+process group) and its folder deleted when the last user is torn down. Tests sharing it should
+use their own experiment and model names.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = float(os.environ.get("MLFLOW_TEST_SERVER_TIMEOUT", "120"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class _Server:
+    """One ``mlflow server`` subprocess in its own process group, with its folder."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="pcl-mlflow-server-"))
+        self.log_path = self.root / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.uri = ""
+
+    def start(self) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_REGISTRY_"))}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no extra job-runner process
+        env["PYTHONUNBUFFERED"] = "1"
+        last_error = ""
+        for _ in range(3):  # the free port can be taken between probing and binding
+            port = _free_port()
+            self.uri = f"http://127.0.0.1:{port}"
+            cmd = [
+                sys.executable, "-m", "mlflow", "server",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", str(self.root / "mlartifacts"),
+            ]
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    last_error = f"exited with code {self.proc.returncode}"
+                    break
+                if _healthy(self.uri):
+                    return self.uri
+                time.sleep(0.25)
+            else:
+                last_error = f"no /health answer within {START_TIMEOUT_S:.0f} s"
+                self.stop()
+                break
+        tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+        self.stop()
+        self.cleanup()
+        raise RuntimeError(f"mlflow server did not start ({last_error}); log tail:\n{tail}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        # The server runs uvicorn in a child process: signal the group we created (it is ours alone).
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=5)
+        # uvicorn may outlive the parent briefly; make sure nothing of the group is left.
+        for _ in range(20):
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.25)
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_shared: _Server | None = None
+_users = 0
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """``http://127.0.0.1:<port>`` of a running ``mlflow server`` (sqlite backend, proxied artifacts)."""
+    global _shared, _users
+    if _shared is None:
+        server = _Server()
+        server.start()
+        _shared = server
+    _users += 1
+    try:
+        yield _shared.uri
+    finally:
+        _users -= 1
+        if _users == 0 and _shared is not None:
+            server, _shared = _shared, None
+            server.stop()
+            server.cleanup()

@@ -1,0 +1,304 @@
+"""pcl_hpc.tracking against a real ``mlflow server`` on 127.0.0.1 and against the default sqlite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from torch import nn
+
+from pcl_hpc.config import Config, ModelConfig, flatten
+from pcl_hpc.errors import UserError
+from pcl_hpc.tracking import (
+    FALLBACK_FILE,
+    Tracker,
+    encoder_lineage,
+    load_encoder_state,
+    register_encoder,
+    resolve_tracking_uri,
+)
+from tests.mlflow_server import _free_port, mlflow_server  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch):
+    """No tracking URI leaks in from the environment or between tests (mlflow.set_tracking_uri sets env)."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    # Tracker.start sets these defaults in os.environ; let monkeypatch restore them afterwards.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _cfg(tmp_path: Path, uri: str = "") -> Config:
+    cfg = Config(output_dir=str(tmp_path / "demo" / "pretrain"))
+    cfg.tracking.uri = uri
+    cfg.tracking.experiment = _unique("exp")
+    return cfg
+
+
+def _encoder_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    net.train()
+    net(torch.randn(2, 1, 8, 8))  # non-trivial BatchNorm running stats and num_batches_tracked
+    return net.state_dict()
+
+
+def _assert_same(loaded: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:
+    assert list(loaded) == list(original)
+    for key, value in original.items():
+        assert loaded[key].dtype == value.dtype, key
+        assert torch.equal(loaded[key], value), key
+
+
+def _fallback_records(cfg: Config) -> list[dict]:
+    path = Path(cfg.output_dir) / FALLBACK_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    cfg = Config(output_dir=str(tmp_path / "demo" / "pretrain"))
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{(tmp_path / 'demo' / 'mlflow.db').resolve()}"
+    finetune = Config(output_dir=str(tmp_path / "demo" / "finetune"))
+    assert resolve_tracking_uri(finetune) == resolve_tracking_uri(cfg)  # one db per demo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(cfg) == "http://127.0.0.1:5999"
+    cfg.tracking.uri = "http://127.0.0.1:6000"
+    assert resolve_tracking_uri(cfg) == "http://127.0.0.1:6000"
+
+
+def test_tracker_logs_one_run(mlflow_server, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    cfg.pretrain.volumes = ["patient001", "patient002"]
+    cfg.finetune.test_volumes = ["patient003"]
+    cfg.data.raw_dir = "x" * 7000  # longer than MLflow's 6000-char param limit
+    params = flatten(cfg)
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start("pretrain", params, tags={"stage": "pretrain"})
+    assert run_id and tracker.run_id == run_id
+    tracker.log_metrics({"loss": 1.0, "lr": torch.tensor(0.1)}, step=0)
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    tracker.set_tags({"epochs_done": 1})
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    tracker.log_artifact(note, artifact_path="notes")
+    tracker.end()
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
+    assert len(run.data.params) == len(params)
+    assert run.data.params["pretrain.lr"] == "0.1" and run.data.params["model.width"] == "16"
+    assert len(run.data.params["data.raw_dir"]) <= 6000
+    # medical data hygiene: volume/patient ids are logged as a count and a hash only
+    assert not any("patient00" in value for value in run.data.params.values())
+    assert run.data.params["pretrain.volumes"].startswith("<2 ids")
+    assert run.data.tags["stage"] == "pretrain" and run.data.tags["epochs_done"] == "1"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5)]
+    assert run.data.metrics["lr"] == pytest.approx(0.1)
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
+    assert _fallback_records(cfg) == []
+
+
+def test_resume_keeps_run_and_records_changed_params(mlflow_server, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    first = Tracker(cfg, enabled=True)
+    run_id = first.start("pretrain", {"lr": 0.1, "batch": 32})
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.end("KILLED")
+
+    second = Tracker(cfg, enabled=True)
+    assert second.start("pretrain", {"lr": 0.05, "batch": 32, "resumed_from": 1}, run_id=run_id) == run_id
+    second.log_metrics({"loss": 0.8}, step=1)
+    second.end()
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.1", "batch": "32", "resumed_from": "1"}
+    assert run.data.tags["changed_param.lr"] == "0.05"
+    assert "changed_param.batch" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1]
+
+
+def test_register_and_load_encoder(mlflow_server, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start("pretrain", {"x": 1})
+    name = _unique("enc")
+    state = _encoder_state()
+    # a DDP-wrapped state_dict is registered without its "module." prefix
+    ddp_state = {f"module.{k}": v for k, v in state.items()}
+    version = register_encoder(ddp_state, cfg.model, name, "candidate", tags={"stage": "pretrain"}, run_id=run_id)
+    tracker.end()
+    assert version == "1"
+
+    _assert_same(load_encoder_state(f"models:/{name}@candidate"), state)
+    _assert_same(load_encoder_state(f"models:/{name}/1"), state)
+    assert encoder_lineage(f"models:/{name}@candidate") == {
+        "encoder_name": name, "encoder_version": "1", "encoder_run_id": run_id,
+    }
+
+    client = MlflowClient(mlflow_server)
+    mv = client.get_model_version(name, "1")
+    assert mv.run_id == run_id and "candidate" in mv.aliases
+    assert mv.tags["stage"] == "pretrain" and mv.tags["model.width"] == str(cfg.model.width)
+    assert len(mv.tags["encoder.sha256"]) == 64
+    # the registry holds no pickled Python objects, only code, weights and the config
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
+    files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    assert {"MLmodel", "artifacts/encoder.pt", "artifacts/model_config.json"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
+    assert json.loads((model_dir / "artifacts" / "model_config.json").read_text())["width"] == cfg.model.width
+
+    # a second version moves the alias; version 1 stays loadable
+    newer = {k: (v + 1 if v.is_floating_point() else v) for k, v in state.items()}
+    assert register_encoder(newer, ModelConfig(), name, "candidate", run_id=run_id) == "2"
+    _assert_same(load_encoder_state(f"models:/{name}@candidate"), newer)
+    _assert_same(load_encoder_state(f"models:/{name}/1"), state)
+
+
+def test_alias_latest_is_refused():
+    state = _encoder_state()
+    for alias in ("latest", "Latest", "v3"):
+        with pytest.raises(ValueError, match="reserved"):
+            register_encoder(state, ModelConfig(), "never-created", alias)
+
+
+def test_missing_model_or_alias_is_a_user_error(mlflow_server):
+    mlflow.set_tracking_uri(mlflow_server)
+    name = _unique("empty")
+    MlflowClient(mlflow_server).create_registered_model(name)
+    with pytest.raises(UserError, match=f"no registered model '{name}' with alias 'nope'") as err:
+        load_encoder_state(f"models:/{name}@nope")
+    assert f"models:/{name}@nope" in str(err.value) and "search_model_versions" in str(err.value)
+    with pytest.raises(UserError, match="with version 7"):
+        load_encoder_state(f"models:/{name}/7")
+    with pytest.raises(UserError, match="no registered model 'does-not-exist'"):
+        encoder_lineage("models:/does-not-exist@candidate")
+    with pytest.raises(UserError, match="not a registered encoder reference"):
+        load_encoder_state(f"models:/{name}")
+
+
+def test_disabled_tracker_creates_no_run(mlflow_server, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=False)
+    assert tracker.start("pretrain", {"a": 1}) is None and tracker.run_id is None
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.set_tags({"a": "b"})
+    tracker.log_artifact(tmp_path / "missing.txt")
+    tracker.end()
+    assert MlflowClient(mlflow_server).get_experiment_by_name(cfg.tracking.experiment) is None
+    assert not (Path(cfg.output_dir) / FALLBACK_FILE).exists()
+
+
+def test_dead_server_does_not_stop_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    tracker = Tracker(cfg, enabled=True)
+    with pytest.warns(RuntimeWarning, match="Training continues") as caught:
+        assert tracker.start("pretrain", {"a": 1}) is None
+        for step in range(3):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        tracker.set_tags({"k": "v"})
+        tracker.log_artifact(__file__)
+        tracker.end()
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1  # warned once
+    records = _fallback_records(cfg)
+    metrics = [r for r in records if r["kind"] == "metrics"]
+    assert [(r["step"], r["metrics"]["loss"]) for r in metrics] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    assert {"start", "tags", "artifact", "end"} <= {r["kind"] for r in records}
+
+
+def test_outage_backlog_is_sent_after_reconnect(mlflow_server, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start("pretrain", {})
+    tracker.log_metrics({"loss": 1.0}, step=0)
+
+    real_log_batch = tracker._client.log_batch
+
+    def down(*args, **kwargs):
+        raise MlflowException("API request failed: Max retries exceeded (connection refused)")
+
+    monkeypatch.setattr(tracker._client, "log_batch", down)
+    with pytest.warns(RuntimeWarning):
+        tracker.log_metrics({"loss": 0.9}, step=1)
+    tracker.log_metrics({"loss": 0.8}, step=2)  # offline: straight to the fallback file
+    assert tracker.offline
+    monkeypatch.setattr(tracker._client, "log_batch", real_log_batch)
+    tracker.retry_interval_s = 0.0
+    tracker.log_metrics({"loss": 0.7}, step=3)  # reconnects, sends the backlog, then this one
+    tracker.end()
+    assert not tracker.offline
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
+    kinds = [r["kind"] for r in _fallback_records(cfg)]
+    assert kinds == ["metrics", "metrics", "flushed"]
+
+
+def test_default_sqlite_store_without_server(tmp_path, monkeypatch):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    cfg = _cfg(tmp_path)  # no tracking.uri, no MLFLOW_TRACKING_URI
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start("pretrain", {"a": 1})
+    assert tracker.uri == f"sqlite:///{(tmp_path / 'demo' / 'mlflow.db').resolve()}"
+    assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == tracker.uri
+    tracker.log_metrics({"loss": 0.25}, step=0)
+    state = _encoder_state()
+    assert register_encoder(state, cfg.model, "pcl-encoder", cfg.tracking.alias, run_id=run_id) == "1"
+    tracker.end()
+
+    # the finetune stage of the same demo sees the same store and registry
+    finetune = Config(output_dir=str(tmp_path / "demo" / "finetune"))
+    assert resolve_tracking_uri(finetune) == tracker.uri
+    _assert_same(load_encoder_state("models:/pcl-encoder@candidate"), state)
+    client = MlflowClient(tracker.uri)
+    assert client.get_run(run_id).data.metrics["loss"] == 0.25
+    assert (tmp_path / "demo" / "mlflow.db").is_file()
+    assert (tmp_path / "demo" / "mlartifacts").is_dir()  # artifacts next to the db ...
+    assert not (workdir / "mlruns").exists() and not (workdir / "mlflow.db").exists()  # ... not in the cwd
+
+
+def test_load_encoder_from_path(tmp_path):
+    state = _encoder_state()
+    path = tmp_path / "encoder.pt"
+    torch.save(state, path)
+    _assert_same(load_encoder_state(str(path)), state)
+    _assert_same(load_encoder_state(str(tmp_path)), state)  # a folder holding encoder.pt
+    assert encoder_lineage(str(path)) == {"encoder_path": str(path)}
+    assert encoder_lineage("") == {}
+    with pytest.raises(UserError, match="not found"):
+        load_encoder_state(str(tmp_path / "nope.pt"))
+    # anything that needs code to unpickle is refused (weights_only=True)
+    torch.save({"weight": torch.ones(1), "net": nn.Linear(1, 1)}, tmp_path / "pickled.pt")
+    with pytest.raises(UserError, match="weights_only=True"):
+        load_encoder_state(str(tmp_path / "pickled.pt"))
+    assert os.path.exists(path)
