@@ -40,6 +40,7 @@ class ModelConfig:
     width: int = 16  # f: channels of the first U-Net level (paper: 48 for ACDC, 32 for CHD)
     in_channels: int = 1
     projection_dim: int = 512
+    sync_batchnorm: bool = False  # multi-GPU pretraining: one set of BN statistics across ranks
 
 
 @dataclass
@@ -55,7 +56,10 @@ class PretrainConfig:
     epochs: int = 1
     max_steps: int = 0  # 0 = run all epochs; otherwise stop after this many optimizer steps
     batch_size: int = 32  # slices per rank per step (each gives two views)
-    lr: float = 0.1
+    lr: float = 0.1  # the paper's SGD rate for a global batch of 32 slices
+    lr_reference_batch: int = 0  # linear scaling rule: lr * global_batch / this; 0 = use lr as given
+    optimizer: str = "sgd"  # sgd | lars (LARS for global batches of thousands)
+    warmup_steps: int = 0  # linear warm-up before the cosine decay
     momentum: float = 0.9
     weight_decay: float = 1e-4
     augment: bool = True
@@ -90,6 +94,7 @@ class TrackingConfig:
 
 @dataclass
 class EngineConfig:
+    strategy: str = "ddp"  # ddp | deepspeed
     backend: str = ""  # "" = nccl on CUDA, gloo otherwise
     threads: int = 0  # torch threads per process; 0 = cores / local ranks
 

@@ -36,6 +36,7 @@ def run_pretrain_processes(config_path: str, overrides: list[str]) -> None:
 
 def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
     start = time.time()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the demo's output readable
     out_dir = Path(out).resolve()
     tracking_uri = f"sqlite:///{out_dir / 'mlflow.db'}"
     shared = [f"data.raw_dir={out_dir / 'raw'}", f"data.store={out_dir / 'store.zarr'}", f"tracking.uri={tracking_uri}"]
