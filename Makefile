@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pcl-hpc demo --config configs/demo.yaml --out outputs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	PYTHONUTF8=1 $(PY) -m pytest -q tests
 
 clean:
 	rm -rf outputs .pytest_cache

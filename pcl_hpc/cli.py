@@ -8,7 +8,7 @@ import sys
 from pcl_hpc.errors import UserError
 
 COMMANDS = {
-    "preprocess": "convert raw volumes (NIfTI, NRRD, MHA) into a chunked Zarr store",
+    "preprocess": "convert raw volumes (NIfTI, NRRD, MHA, DICOM series) into a chunked Zarr store",
     "pretrain": "contrastive pretraining of the encoder (use torchrun for several processes)",
     "finetune": "fine-tune a U-Net from a pretrained encoder (path or models:/<name>@<alias>) or random init",
     "evaluate": "score a fine-tuned model on the test volumes, or tabulate results.json files",
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", required=name != "evaluate" and name != "demo",
                          help="YAML config file (see configs/)")
         cmd.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+        if name in ("pretrain", "finetune"):
+            cmd.add_argument("--no-resume", action="store_true",
+                             help="start fresh even if <output_dir>/checkpoints/latest exists")
         if name == "preprocess":
             cmd.add_argument("--workers", type=int, default=1, help="volumes converted in parallel")
         if name == "evaluate":
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
         rows = load_results(args.results)
         print(format_table(rows, rows[0]["class_names"]))
         return
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *(["checkpoint.resume=false"] if getattr(args, "no_resume", False) else [])]
+    cfg = load_config(args.config, overrides)
     if args.command == "preprocess":
         from pcl_hpc.data.preprocess import preprocess
 

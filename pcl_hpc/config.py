@@ -24,7 +24,7 @@ class ConfigError(UserError):
 @dataclass
 class DataConfig:
     raw_dir: str = ""  # folder of input volumes (read by `preprocess`)
-    layout: str = "generic"  # how raw_dir is organised: generic (imagesTr/labelsTr) or a folder of images
+    layout: str = "generic"  # how raw_dir is organised: generic (imagesTr/labelsTr) | images | acdc | chd | mmwhs | hvsmr
     store: str = ""  # the Zarr store written by `preprocess` and read by training
     modality: str = "mri"  # mri: per-volume percentile clip + z-score; ct: percentile clip to [0, 1]
     clip_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
@@ -33,6 +33,12 @@ class DataConfig:
     gcl_partitions: int = 4  # GCL: each volume is split into this many equal partitions along z
     folds: int = 5  # patient-level folds written to the manifest
     num_workers: int = 0  # DataLoader workers per rank
+    slice_axis: str = "axial"  # axial | coronal | sagittal: the anatomical axis slices are taken along
+    intensity: str = "auto"  # auto (ct: percentile, mri: zscore) | percentile (clip, scale to [0, 1]) | zscore | window
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # intensity=window (CT): [low, high] HU
+    interpolation: str = "linear"  # in-plane image resampling: linear | bspline (labels are always nearest)
+    compressor: str = "zstd"  # Blosc codec of the store (bitshuffle): zstd | lz4
+    fold_seed: int = 0  # seed of the patient-level fold assignment in the manifest
 
 
 @dataclass
@@ -49,6 +55,7 @@ class LossConfig:
     threshold: float = 0.1  # pcl: |p_i - p_j| < threshold makes a positive pair
     temperature: float = 0.1
     base_temperature: float = 0.07
+    chunk_size: int = 0  # > 0: compute the local anchor rows in blocks of this many (memory linear in the global batch)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class FinetuneConfig:
     lr: float = 5e-4
     weight_decay: float = 1e-5
     augment: bool = True
+    freeze_encoder_epochs: int = 0  # train only the decoder for this many epochs first
     log_every: int = 10
 
 
@@ -97,6 +105,23 @@ class EngineConfig:
     strategy: str = "ddp"  # ddp | deepspeed
     backend: str = ""  # "" = nccl on CUDA, gloo otherwise
     threads: int = 0  # torch threads per process; 0 = cores / local ranks
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
+    channels_last: bool = True  # NHWC activations for the convolutions
+    grad_accum: int = 1  # micro-batches (each pretrain.batch_size per rank) per optimizer step
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = no clipping (the norm is still logged)
+    compile: bool = False  # torch.compile the model
+    max_bad_steps: int = 5  # this many non-finite losses in a row abort the run
+    zero_stage: int = 0  # deepspeed: ZeRO stage 0 | 1 | 2
+    deepspeed_config: str = ""  # deepspeed: optional JSON file merged over the generated config
+    timeout_s: int = 600  # collectives fail after this long (a dead rank never hangs the job)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save every this many optimizer steps (0 = only at the end and when preempted)
+    keep: int = 3  # keep the last K checkpoints
+    resume: bool = True  # resume from <output_dir>/checkpoints/latest when it exists (--no-resume: start fresh)
+    path: str = ""  # resume from this checkpoint folder instead of latest
 
 
 @dataclass
@@ -110,6 +135,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def _field_names(obj) -> list[str]:

@@ -17,6 +17,21 @@ def cli(*args: str) -> list[str]:
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _keep_utf8_locale():
+    """ITK's DICOM reader resets the C locale; subprocess output decoding must stay UTF-8 after it."""
+    import locale
+
+    yield
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        for name in ("C.UTF-8", "en_US.UTF-8", ""):
+            try:
+                locale.setlocale(locale.LC_CTYPE, name)
+                break
+            except locale.Error:
+                continue
+
+
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory):
     """The demo's real-anatomy volumes, preprocessed once into a Zarr store for the whole session."""

@@ -12,6 +12,14 @@ and proxied artifacts (``--artifacts-destination``) in a temporary folder, is st
 every module that imports the fixture: the process is reference-counted, and stopped (its whole
 process group) and its folder deleted when the last user is torn down. Tests sharing it should
 use their own experiment and model names.
+
+A test that must stop, kill or restart a server uses its own :class:`MlflowTestServer`::
+
+    server = MlflowTestServer(script=True)  # started through tools/mlflow_server.sh
+    uri = server.start()                    # picks a free port, then keeps it
+    server.kill()                           # SIGKILL of the process group (uvicorn included)
+    server.start()                          # same port, same sqlite db and artifact folder
+    server.stop(); server.cleanup()
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "mlflow_server.sh"
 START_TIMEOUT_S = float(os.environ.get("MLFLOW_TEST_SERVER_TIMEOUT", "120"))
 
 
@@ -46,29 +55,45 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-class _Server:
-    """One ``mlflow server`` subprocess in its own process group, with its folder."""
+class MlflowTestServer:
+    """One ``mlflow server`` subprocess in its own process group, with its folder.
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="pcl-mlflow-server-"))
+    ``start()`` picks a free port the first time and keeps it: after ``stop()`` / ``kill()``,
+    ``start()`` again serves the same sqlite db and artifact folder on the same port (a restart).
+    """
+
+    def __init__(self, root: Path | None = None, port: int | None = None, script: bool = False) -> None:
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="pcl-mlflow-server-"))
+        self.root.mkdir(parents=True, exist_ok=True)
         self.log_path = self.root / "server.log"
         self.proc: subprocess.Popen | None = None
-        self.uri = ""
+        self.port = port
+        self.uri = f"http://127.0.0.1:{port}" if port else ""
+        self.script = script  # start through tools/mlflow_server.sh (same db/artifact layout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_REGISTRY_"))}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no extra job-runner process
         env["PYTHONUNBUFFERED"] = "1"
+        fixed = self.port is not None
         last_error = ""
-        for _ in range(3):  # the free port can be taken between probing and binding
-            port = _free_port()
+        for _ in range(1 if fixed else 3):  # a free port can be taken between probing and binding
+            port = self.port if fixed else _free_port()
             self.uri = f"http://127.0.0.1:{port}"
-            cmd = [
-                sys.executable, "-m", "mlflow", "server",
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", str(self.root / "mlartifacts"),
-            ]
+            if self.script:
+                env["PYTHON"] = sys.executable
+                cmd = ["bash", str(SCRIPT), str(self.root), str(port)]
+            else:
+                cmd = [
+                    sys.executable, "-m", "mlflow", "server",
+                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                    "--artifacts-destination", str(self.root / "mlartifacts"),
+                ]
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -79,6 +104,7 @@ class _Server:
                     last_error = f"exited with code {self.proc.returncode}"
                     break
                 if _healthy(self.uri):
+                    self.port = port
                     return self.uri
                 time.sleep(0.25)
             else:
@@ -87,16 +113,20 @@ class _Server:
                 break
         tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
         self.stop()
-        self.cleanup()
         raise RuntimeError(f"mlflow server did not start ({last_error}); log tail:\n{tail}")
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL the whole server (a crash, not a shutdown); its db and artifacts stay."""
+        self.stop(sig=signal.SIGKILL)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        # The server runs uvicorn in a child process: signal the group we created (it is ours alone).
+        # The server runs uvicorn in a child process: signal the group we created (it is ours alone),
+        # even if the parent has already exited.
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
@@ -124,7 +154,9 @@ class _Server:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-_shared: _Server | None = None
+_Server = MlflowTestServer  # the former name
+
+_shared: MlflowTestServer | None = None
 _users = 0
 
 
@@ -133,8 +165,12 @@ def mlflow_server():
     """``http://127.0.0.1:<port>`` of a running ``mlflow server`` (sqlite backend, proxied artifacts)."""
     global _shared, _users
     if _shared is None:
-        server = _Server()
-        server.start()
+        server = MlflowTestServer()
+        try:
+            server.start()
+        except BaseException:
+            server.cleanup()
+            raise
         _shared = server
     _users += 1
     try:

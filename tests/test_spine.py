@@ -23,7 +23,8 @@ def overrides(store, out, **extra):
     values = {
         "data.store": store, "data.patch": 32, "output_dir": out / "pretrain", "model.width": 4,
         "pretrain.max_steps": 2, "pretrain.batch_size": BATCH, "pretrain.log_every": 1, "pretrain.augment": "false",
-        "tracking.uri": f"sqlite:///{out / 'mlflow.db'}", "tracking.register_name": "test-encoder", **extra,
+        "tracking.uri": f"sqlite:///{out / 'mlflow.db'}", "tracking.register_name": "test-encoder",
+        "engine.precision": "fp32", **extra,  # fp32: the loss is compared with an fp32 recomputation
     }
     return [f"{key}={value}" for key, value in values.items()]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -20,8 +21,12 @@ from pcl_hpc.tracking import (
     FALLBACK_FILE,
     Tracker,
     encoder_lineage,
+    git_commit,
     load_encoder_state,
+    promote_alias,
+    read_fallback,
     register_encoder,
+    replay_fallback,
     resolve_tracking_uri,
 )
 from tests.mlflow_server import _free_port, mlflow_server  # noqa: F401
@@ -30,7 +35,10 @@ from tests.mlflow_server import _free_port, mlflow_server  # noqa: F401
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     """No tracking URI leaks in from the environment or between tests (mlflow.set_tracking_uri sets env)."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
+                "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PCL_TRACKING_RETRY_S",
+                "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+                "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
     # Tracker.start sets these defaults in os.environ; let monkeypatch restore them afterwards.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -130,7 +138,9 @@ def test_resume_keeps_run_and_records_changed_params(mlflow_server, tmp_path):
 
     second = Tracker(cfg, enabled=True)
     assert second.start("pretrain", {"lr": 0.05, "batch": 32, "resumed_from": 1}, run_id=run_id) == run_id
+    second.log_metrics({"loss": 0.9}, step=0)  # a step the killed run already logged: skipped
     second.log_metrics({"loss": 0.8}, step=1)
+    second.log_metrics({"loss": 0.7, "lr": 0.01}, step=1)  # loss again at step 1: skipped; lr is new
     second.end()
 
     client = MlflowClient(mlflow_server)
@@ -142,7 +152,8 @@ def test_resume_keeps_run_and_records_changed_params(mlflow_server, tmp_path):
     assert run.data.params == {"lr": "0.1", "batch": "32", "resumed_from": "1"}
     assert run.data.tags["changed_param.lr"] == "0.05"
     assert "changed_param.batch" not in run.data.tags
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.8)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "lr")] == [(1, 0.01)]
 
 
 def test_register_and_load_encoder(mlflow_server, tmp_path):
@@ -180,6 +191,19 @@ def test_register_and_load_encoder(mlflow_server, tmp_path):
     assert register_encoder(newer, ModelConfig(), name, "candidate", run_id=run_id) == "2"
     _assert_same(load_encoder_state(f"models:/{name}@candidate"), newer)
     _assert_same(load_encoder_state(f"models:/{name}/1"), state)
+
+    # champion: moved by a later step, from an alias, a version or a models:/ URI
+    assert promote_alias(name, "candidate") == "2"
+    _assert_same(load_encoder_state(f"models:/{name}@champion"), newer)
+    assert promote_alias(name, 1) == "1"
+    assert promote_alias(name, f"models:/{name}/2", alias="best") == "2"
+    aliases = client.get_registered_model(name).aliases
+    assert aliases == {"candidate": "2", "champion": "1", "best": "2"}
+    assert "alias.champion.set_at" in client.get_model_version(name, "1").tags
+    with pytest.raises(UserError, match="no alias 'nope'"):
+        promote_alias(name, "nope")
+    with pytest.raises(ValueError, match="reserved"):
+        promote_alias(name, "1", alias="latest")
 
 
 def test_alias_latest_is_refused():
@@ -302,3 +326,85 @@ def test_load_encoder_from_path(tmp_path):
     with pytest.raises(UserError, match="weights_only=True"):
         load_encoder_state(str(tmp_path / "pickled.pt"))
     assert os.path.exists(path)
+
+
+def test_standard_tags_and_system_metrics(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=True)
+    tracker.system_metrics_interval_s = 0.2
+    run_id = tracker.start("pretrain", {"a": 1}, tags={"method": "pcl"})
+    client = MlflowClient(mlflow_server)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.end()
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    assert tags["git_commit"] == git_commit() and tags["world_size"] == "1" and tags["method"] == "pcl"
+    assert tags["slurm_job_id"] == "4242" and tags["slurm_array_task_id"] == "3"
+    assert "slurm_array_job_id" not in tags
+    # system metrics (MLflow's sampler; at least the samples taken before end() are sent)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    quiet = Tracker(_cfg(tmp_path, mlflow_server), enabled=True)
+    quiet.system_metrics_interval_s = 0.2
+    quiet_id = quiet.start("pretrain", {})
+    quiet.end()
+    assert not [k for k in client.get_run(quiet_id).data.metrics if k.startswith("system/")]
+
+
+def test_only_rank_zero_tracks(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=True)  # a caller's mistake: still no ghost run from rank 1
+    assert not tracker.enabled and tracker.start("pretrain", {"a": 1}) is None
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.end()
+    assert MlflowClient(mlflow_server).get_experiment_by_name(cfg.tracking.experiment) is None
+
+
+def test_offline_run_and_registration_are_replayed(mlflow_server, tmp_path, monkeypatch):
+    """Server down for the whole run: training output survives, and replay_fallback sends all of it later."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    name = _unique("offline-enc")
+    state = _encoder_state()
+    tracker = Tracker(cfg, enabled=True)
+    with pytest.warns(RuntimeWarning):
+        assert tracker.start("pretrain", {"model.width": 4, "lr": 0.1}, tags={"method": "pcl"}) is None
+        for step in range(1, 4):
+            tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
+        tracker.log_metrics({"loss": float("nan")}, step=4)
+        note = tmp_path / "config.yaml"
+        note.write_text("model: {width: 4}\n")
+        tracker.log_artifact(note)
+        assert register_encoder(state, cfg.model, name, "candidate", tags={"method": "pcl"}, run_id=tracker.run_id) is None
+        tracker.end()
+    kept = list((Path(cfg.output_dir) / "unregistered").glob("*.pt"))
+    assert len(kept) == 1
+    records = read_fallback(Path(cfg.output_dir) / FALLBACK_FILE)
+    assert [r["kind"] for r in records] == ["start", "metrics", "metrics", "metrics", "metrics", "artifact", "register", "end"]
+    assert len({r["session"] for r in records}) == 1
+
+    summary = replay_fallback(Path(cfg.output_dir) / FALLBACK_FILE, mlflow_server)
+    (run_id, result), = summary.items()
+    assert result["created"] and result["metrics_sent"] == 7 and result["registered"] == ["1"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
+    assert run.data.params == {"model.width": "4", "lr": "0.1"} and run.data.tags["method"] == "pcl"
+    assert run.data.tags["git_commit"] == git_commit()
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4] and math.isnan(history[-1].value)
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+    _assert_same(load_encoder_state(f"models:/{name}@candidate"), state)
+    assert encoder_lineage(f"models:/{name}@candidate")["encoder_run_id"] == run_id
+
+    again = replay_fallback(Path(cfg.output_dir) / FALLBACK_FILE, mlflow_server)  # idempotent
+    assert again[run_id]["metrics_sent"] == 0 and again[run_id]["registered"] == ["1"]
+    assert len(client.get_metric_history(run_id, "loss")) == 4
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -13,7 +13,8 @@
 # From another machine use an SSH tunnel (ssh -L PORT:127.0.0.1:PORT host) rather than
 # binding to 0.0.0.0: the server has no authentication and the runs describe medical data.
 #
-# Environment: PYTHON (default: the repo's .venv/bin/python, else python3), WORKERS (default 1).
+# Environment: PYTHON (default: the repo's .venv/bin/python, else python3), WORKERS (default 1),
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION (default false here: no GenAI job-runner process).
 # Stop it with Ctrl-C. Extra arguments after PORT are passed to `mlflow server`.
 set -euo pipefail
 
@@ -29,6 +30,17 @@ if ! [[ "$PORT" =~ ^[0-9]+$ ]]; then
   echo "mlflow_server.sh: PORT must be a number, got '$PORT' (usage: tools/mlflow_server.sh [DIR] [PORT])" >&2
   exit 2
 fi
+
+for arg in "$@"; do
+  case "$arg" in
+    -h|--host|--host=*)
+      echo "mlflow_server.sh: the server is bound to 127.0.0.1 only; use an SSH tunnel instead of --host" >&2
+      exit 2 ;;
+  esac
+done
+
+# No GenAI job runner (an extra process pcl-hpc never uses) unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 mkdir -p "$DIR/mlartifacts"
 DIR="$(cd "$DIR" && pwd)"

@@ -21,8 +21,8 @@ but absent from all six native maps, so there is no brainstem class (a scored cl
 occurs would only inflate the mean Dice).
 
 Each class map is built at 1 mm, then resampled to ``spacing`` mm isotropic by nearest neighbour,
-and an image is synthesised from it SynthSeg-style: a random mean intensity (tissue means kept
->= 0.2 apart) and noise level per class, Gaussian smoothing (partial volume), a smooth
+and an image is synthesised from it SynthSeg-style: a T1-like mean intensity per class (jittered per
+case, one protocol for all cases) and a random noise level per class, Gaussian smoothing (partial volume), a smooth
 multiplicative bias field and Rician noise. Cases are named dk01..dk06 so that the donor numbers
 never appear in the data. The MNI152 2009a T1 template shipped with ``nilearn`` is added,
 resampled to the same spacing, as ``imagesTs/mni152.nii.gz`` (unlabeled pretraining data).
@@ -106,12 +106,15 @@ def _resample(data: np.ndarray, affine: np.ndarray, spacing: float, order: int) 
 
 
 def synthesize(classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random-contrast MR-like image from a class map (SynthSeg-style generative model)."""
+    """A T1-like MR image from a class map (SynthSeg-style generative model, one protocol).
+
+    SynthSeg draws any contrast; here every case keeps T1 ordering (white matter brightest, then
+    deep grey, then cortex) with per-case jitter, as scans of one study protocol would: a model
+    fine-tuned on one labeled case must be able to transfer to the others.
+    """
     k = len(CLASS_NAMES)
-    # Random contrast as in SynthSeg, but tissue means stay >= 0.2 apart (shuffled, jittered
-    # levels) so every case is still learnable in a short demo run.
-    levels = rng.permutation(np.linspace(0.25, 1.0, k - 1)) + rng.uniform(-0.025, 0.025, size=k - 1)
-    means = np.concatenate([[rng.uniform(0.0, 0.1)], levels])
+    t1_means = np.array([0.05, 0.50, 0.90, 0.70])  # background, cortex, white matter, deep grey
+    means = t1_means[:k] + rng.uniform(-0.04, 0.04, size=k)
     stds = rng.uniform(0.01, 0.05, size=k)
     img = means[classes] + stds[classes] * rng.standard_normal(classes.shape)
     img = ndi.gaussian_filter(img, sigma=rng.uniform(0.3, 0.8))

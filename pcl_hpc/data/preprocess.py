@@ -1,14 +1,16 @@
-"""Raw volumes (NIfTI / NRRD / MetaImage) -> the Zarr store that training reads.
+"""Raw volumes (NIfTI / NRRD / MetaImage / DICOM series) -> the Zarr store that training reads.
 
-Per volume: read with SimpleITK, reorient to one canonical orientation (so the same physical
-image stored with permuted or flipped axes gives the same array), optionally resample in-plane,
-normalise intensities, and write ``(Z, H, W)`` arrays with axial slices along Z plus the slice
-positions ``(i + 1) / Z`` (PCL) and partitions ``floor(i * G / Z)`` (GCL).
+Per source (see ``layouts.py`` for how each layout names them): read with SimpleITK (a DICOM
+series folder through GDCM, without its metadata dictionary), split 4D sources into 3D frames,
+reorient to one canonical orientation whose first array axis is ``data.slice_axis`` (so the same
+physical image stored with permuted or flipped axes gives the same array), optionally resample
+in-plane, normalise intensities, and write ``(Z, H, W)`` arrays plus the slice positions
+``(i + 1) / Z`` (PCL) and partitions ``floor(i * G / Z)`` (GCL).
 
 A bad volume never stops the run: it is recorded in ``PreprocessSummary.failed`` with the file
 and what to do, and the other volumes are converted. Re-running skips volumes whose source files
-and settings are unchanged. Only pixel data and geometry are stored: no header fields, file paths
-or other metadata that might identify a patient.
+and settings are unchanged. Only pixel data and geometry are stored: no header fields, DICOM tags,
+file paths or other metadata that might identify a patient.
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from pcl_hpc.config import DataConfig
+from pcl_hpc.data import layouts
 from pcl_hpc.data import store as zstore
+from pcl_hpc.data.layouts import EXTENSIONS, LAYOUTS
 from pcl_hpc.errors import UserError
 
-LAYOUTS = ("generic", "images")
 MODALITIES = ("mri", "ct")
-# DICOM-style code: array axis 0 (Z) runs inferior->superior, rows anterior->posterior, columns
-# right->left, i.e. axial slices in the usual radiological view.
-CANONICAL_ORIENTATION = "LPS"
-SETTINGS_VERSION = 1  # bump when the conversion itself changes, so stores are rebuilt
-EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+INTENSITIES = ("auto", "percentile", "zscore", "window")
+INTERPOLATIONS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+# DICOM-style codes (each letter: where the index of x, y, z increases towards). Axial: array axis
+# 0 (Z) runs inferior->superior, rows anterior->posterior, columns right->left (radiological view).
+# Coronal: slices anterior->posterior, rows superior->inferior. Sagittal: slices right->left,
+# rows superior->inferior, columns anterior->posterior.
+ORIENTATIONS = {"axial": "LPS", "coronal": "LIP", "sagittal": "PIL"}
+CANONICAL_ORIENTATION = ORIENTATIONS["axial"]
+SETTINGS_VERSION = 2  # bump when the conversion itself changes, so stores are rebuilt
 
 
 @dataclass
@@ -49,6 +56,7 @@ class PreprocessSummary:
     skipped: list[str] = field(default_factory=list)  # volume ids already up to date
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason and what to do)
     store: str = ""
+    source_bytes: int = 0  # voxel bytes read for the converted volumes (for throughput figures)
 
     @property
     def ok(self) -> bool:
@@ -77,82 +85,18 @@ class _VolumeError(Exception):
         self.reason = reason
 
 
-@dataclass
-class _Job:
-    vid: str
-    image: str
-    label: str | None = None
-    expect_label: bool = False  # from imagesTr: a missing label is an error
+# ---------------------------------------------------------------- reading
 
 
-# ---------------------------------------------------------------- discovery
-
-
-def _split_ext(name: str) -> tuple[str, str] | None:
-    lower = name.lower()
-    for ext in EXTENSIONS:
-        if lower.endswith(ext):
-            return name[: -len(ext)], ext
-    return None
-
-
-def _image_files(folder: Path) -> list[tuple[str, Path]]:
-    """``(stem, path)`` of readable-looking image files in ``folder`` (hidden files ignored)."""
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        split = _split_ext(p.name)
-        if split:
-            out.append((split[0], p))
-    return out
-
-
-def _discover(raw: Path, layout: str) -> tuple[list[_Job], list[tuple[str, str]]]:
-    jobs: list[_Job] = []
-    problems: list[tuple[str, str]] = []
-    if layout == "images":
-        for stem, path in _image_files(raw):
-            jobs.append(_Job(stem, str(path)))
-    else:
-        for sub in ("imagesTr", "imagesTs"):
-            files = _image_files(raw / sub)
-            stems = {stem for stem, _ in files}
-            for stem, path in files:
-                m = re.match(r"^(.*)_(\d{4})$", stem)  # nnU-Net channel suffix
-                if m and m.group(2) != "0000" and f"{m.group(1)}_0000" in stems:
-                    continue  # PCL uses one channel: only channel 0000 of multi-channel cases
-                case = m.group(1) if m and m.group(2) == "0000" else stem
-                jobs.append(_Job(case, str(path), expect_label=(sub == "imagesTr")))
-        labels = dict(_image_files(raw / "labelsTr"))
-        for job in jobs:
-            if job.expect_label:
-                job.label = str(labels.pop(job.vid)) if job.vid in labels else None
-        for stem, path in labels.items():
-            problems.append(
-                (str(path), f"label without an image; add imagesTr/{stem}.nii.gz (or _0000) or remove the label")
-            )
-    seen: dict[str, str] = {}
-    unique = []
-    for job in jobs:
-        try:
-            zstore.check_volume_id(job.vid)
-        except UserError as err:
-            problems.append((job.image, str(err)))
-            continue
-        if job.vid in seen:
-            problems.append(
-                (job.image, f"volume id {job.vid!r} also used by {seen[job.vid]}; rename one of the files")
-            )
-            continue
-        seen[job.vid] = job.image
-        unique.append(job)
-    return unique, problems
-
-
-# ---------------------------------------------------------------- per-volume conversion
+def source_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a DICOM folder's files (sorted by name)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.iterdir() if q.is_file() and not q.name.startswith(".")):
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -199,34 +143,81 @@ def _nifti_truncated(path: str) -> bool:
     return total < expected
 
 
-def _read(path: str, what: str) -> sitk.Image:
-    if os.path.getsize(path) == 0:
-        raise _VolumeError(path, f"{what} file is empty (0 bytes); re-export or copy it again")
-    if path.lower().endswith((".nii", ".nii.gz")) and _nifti_truncated(path):
-        raise _VolumeError(
-            path, f"{what} file is truncated (fewer bytes than its header says); copy or export it again"
-        )
+def _itk_detail(err: Exception) -> str:
+    # ITK's message is "Exception thrown in ...:<line>\n<what went wrong>": keep the latter.
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    errors = [ln.split("ERROR:", 1)[-1].strip() for ln in lines if "ERROR" in ln]
+    detail = (errors[0] if errors else (lines[-1] if lines else ""))[:200]
+    return "".join(ch if ch.isprintable() and ord(ch) < 128 else "?" for ch in detail)  # one clean line
+
+
+def _read_dicom(folder: str) -> sitk.Image:
     try:
-        img = sitk.ReadImage(path)
-    except RuntimeError as err:
-        # ITK's message is "Exception thrown in ...:<line>\n<what went wrong>": keep the latter.
-        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        errors = [ln.split("ERROR:", 1)[-1].strip() for ln in lines if "ERROR" in ln]
-        detail = errors[0] if errors else (lines[-1] if lines else "")
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    except RuntimeError:
+        series = ()
+    if not series:
         raise _VolumeError(
-            path, f"{what} cannot be read ({detail[:200]}); check that it is a valid NIfTI/NRRD/MHA file"
+            folder, "no readable DICOM series in this folder (files are not DICOM or are damaged); "
+            "re-export the series or remove the folder"
+        )
+    if len(series) > 1:
+        raise _VolumeError(folder, f"folder holds {len(series)} DICOM series; move each series into its own folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
+    if len(files) < 2:
+        raise _VolumeError(folder, f"DICOM series has {len(files)} slice file(s); give a 3D series with at least 2 slices")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOff()  # no tags are even read into memory
+    reader.LoadPrivateTagsOff()
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise _VolumeError(
+            folder, f"DICOM series cannot be read ({_itk_detail(err)}); re-export the series (a slice may be truncated)"
         ) from None
+
+
+def _read(path: str, what: str, allow_4d: bool = False) -> sitk.Image:
+    if os.path.isdir(path):
+        img = _read_dicom(path)
+    else:
+        if os.path.getsize(path) == 0:
+            raise _VolumeError(path, f"{what} file is empty (0 bytes); re-export or copy it again")
+        if path.lower().endswith((".nii", ".nii.gz")) and _nifti_truncated(path):
+            raise _VolumeError(
+                path, f"{what} file is truncated (fewer bytes than its header says); copy or export it again"
+            )
+        try:
+            img = sitk.ReadImage(path)
+        except RuntimeError as err:
+            raise _VolumeError(
+                path, f"{what} cannot be read ({_itk_detail(err)}); check that it is a valid NIfTI/NRRD/MHA file"
+            ) from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise _VolumeError(
             path,
             f"{what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
             "give a single-channel 3D volume",
         )
-    if img.GetDimension() != 3 or min(img.GetSize()) < 2:
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    dims_ok = img.GetDimension() == 3 or (allow_4d and img.GetDimension() == 4)
+    if not dims_ok or min(img.GetSize()[:3]) < 2:
         raise _VolumeError(
             path, f"{what} is not a 3D volume (size {img.GetSize()}); give 3D volumes with at least 2 slices"
         )
     return img
+
+
+def _frame(img: sitk.Image, t: int | None, path: str, what: str) -> sitk.Image:
+    if t is None:
+        if img.GetDimension() != 3:
+            raise _VolumeError(path, f"{what} is 4D where a 3D volume was expected; give one 3D volume per file")
+        return img
+    if img.GetDimension() != 4 or t >= img.GetSize()[3]:
+        raise _VolumeError(path, f"{what} has no time frame {t + 1} (size {img.GetSize()}); check the file")
+    return img[:, :, :, t]
 
 
 def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
@@ -246,115 +237,183 @@ def _resample_inplane(img: sitk.Image, target_yx: list[float] | None, interp: in
     if np.isclose(sx, tx) and np.isclose(sy, ty):
         return img
     nx, ny, nz = img.GetSize()
+    # Keep the physical centre of the first voxel's footprint: the new grid starts half a new voxel
+    # in from the old grid's edge.
     size = [max(1, int(round(nx * sx / tx))), max(1, int(round(ny * sy / ty))), nz]
-    return sitk.Resample(
-        img, size, sitk.Transform(), interp, img.GetOrigin(), (tx, ty, sz), img.GetDirection(), 0.0,
-        img.GetPixelID(),
-    )
+    direction = np.array(img.GetDirection()).reshape(3, 3)
+    shift = direction @ np.array([(tx - sx) / 2, (ty - sy) / 2, 0.0])
+    origin = tuple(np.array(img.GetOrigin()) + shift)
+    return sitk.Resample(img, size, sitk.Transform(), interp, origin, (tx, ty, sz), img.GetDirection(), 0.0,
+                         img.GetPixelID())
 
 
-def _normalise(image: np.ndarray, modality: str, clip: list[float]) -> np.ndarray:
-    lo, hi = np.percentile(image, [float(clip[0]), float(clip[1])])
-    image = np.clip(image, lo, hi)
-    if modality == "ct":
-        out = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+def _normalise(image: np.ndarray, method: str, clip: list[float], window: list[float]) -> np.ndarray:
+    if method == "window":
+        lo, hi = float(window[0]), float(window[1])
     else:
+        lo, hi = np.percentile(image, [float(clip[0]), float(clip[1])])
+    image = np.clip(image, lo, hi)
+    if method in ("percentile", "window"):
+        out = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    else:  # zscore
         std = image.std()
         out = (image - image.mean()) / std if std > 0 else np.zeros_like(image)
     return out.astype(np.float32)
 
 
-def _convert(job: _Job, settings: dict[str, Any], settings_sha: str, store_path: str,
-             existing: dict[str, Any] | None) -> tuple[str, str, str, str]:
-    """Convert one volume; returns (status, vid, file, reason) with status converted/skipped/failed."""
+def _labels(values: np.ndarray, settings: dict[str, Any], path: str) -> np.ndarray:
+    """Raw label voxels -> uint8 class ids under the layout's convention, or a clear error."""
+    if not np.isfinite(values).all() or np.any(values != np.round(values)):
+        raise _VolumeError(path, "label has non-integer values; labels must be integer class ids")
+    values = values.astype(np.int64)
+    mapping = settings.get("label_map") or {}
+    if mapping:
+        lut_keys = np.array([int(k) for k in mapping], dtype=np.int64)
+        lut_vals = np.array(list(mapping.values()), dtype=np.int64)
+        out = values.copy()
+        for k, v in zip(lut_keys, lut_vals):
+            out[values == k] = v
+        bad = sorted(set(np.unique(values).tolist()) - set(lut_keys.tolist()) - {0})
+        if bad:
+            raise _VolumeError(
+                path, f"label values {bad[:8]} are not among the dataset's classes "
+                f"({', '.join(f'{k}->{v}' for k, v in mapping.items())}); fix the label file (set them to 0) "
+                "or remove the case",
+            )
+        values = out
+    above = settings.get("label_above_to_zero")
+    if above is not None:
+        values = np.where(values > int(above), 0, values)
+    n = settings.get("num_classes")
+    lo, hi = int(values.min()), int(values.max())
+    limit = (int(n) - 1) if n else 255
+    if lo < 0 or hi > limit:
+        bad = sorted(v for v in np.unique(values).tolist() if v < 0 or v > limit)
+        where = f"the dataset's classes 0..{limit}" if n else "0..255"
+        raise _VolumeError(
+            path, f"label values {bad[:8]} are outside {where}; fix the label file or the class list "
+            "(dataset.json 'labels')",
+        )
+    return values.astype(np.uint8)
+
+
+def _volume(img: sitk.Image, lab: sitk.Image | None, settings: dict[str, Any], image_path: str,
+            label_path: str | None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """One 3D image (+ label) -> normalised (Z, H, W) arrays and their attrs."""
+    source_orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+    original_shape = list(img.GetSize()[::-1])
+    if lab is not None:
+        if lab.GetSize() != img.GetSize():
+            raise _VolumeError(
+                label_path,
+                f"label shape {lab.GetSize()[::-1]} differs from image shape {img.GetSize()[::-1]} "
+                f"({image_path}); give the label on the image's voxel grid",
+            )
+        if not _same_geometry(img, lab):
+            raise _VolumeError(
+                label_path,
+                "label origin/spacing/direction differ from the image's; resample the label onto the image grid",
+            )
+        lab.CopyInformation(img)  # tiny header rounding differences must not change the orientation
+
+    orientation = ORIENTATIONS[settings["slice_axis"]]
+    img = sitk.DICOMOrient(img, orientation)
+    image = sitk.GetArrayViewFromImage(img)
+    if not np.isfinite(image).all():
+        raise _VolumeError(image_path, "image contains NaN or Inf values; fix the export (e.g. replace them with 0)")
+    img = _resample_inplane(sitk.Cast(img, sitk.sitkFloat32), settings["target_spacing"],
+                            INTERPOLATIONS[settings["interpolation"]])
+    image = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)  # (Z, H, W)
+
+    label = None
+    if lab is not None:
+        lab = sitk.DICOMOrient(lab, orientation)
+        values = _labels(sitk.GetArrayFromImage(lab), settings, label_path)
+        lab_u8 = sitk.GetImageFromArray(values)
+        lab_u8.CopyInformation(lab)
+        label = sitk.GetArrayFromImage(
+            _resample_inplane(lab_u8, settings["target_spacing"], sitk.sitkNearestNeighbor)
+        ).astype(np.uint8)
+
+    image = _normalise(image, settings["intensity"], settings["clip_percentiles"], settings["hu_window"])
+    z = image.shape[0]
+    g = settings["gcl_partitions"]
+    sx, sy, sz = img.GetSpacing()
+    attrs = {
+        "spacing": [sz, sy, sx],
+        "original_shape": original_shape,
+        "orientation": source_orientation,
+        "stored_orientation": orientation,
+        "slice_axis": settings["slice_axis"],
+        "origin": list(img.GetOrigin()),
+        "direction": list(img.GetDirection()),
+        "positions": [(i + 1) / z for i in range(z)],
+        "partitions": [i * g // z for i in range(z)],
+    }
+    return image, label, attrs
+
+
+def _convert(job: layouts.Job, settings: dict[str, Any], settings_sha: str, store_path: str,
+             existing: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, int]]:
+    """Convert one source; per output volume (status, vid, file, reason, source bytes)."""
+    results: list[tuple[str, str, str, str, int]] = []
+    todo = list(job.outputs)
     try:
         if job.expect_label and job.label is None:
             raise _VolumeError(
                 job.image,
-                f"no label labelsTr/{job.vid}.nii.gz; add it, or move the image to imagesTs/ to use it unlabeled",
+                "no label found for this image; add it (see the layout's naming), or move the image where "
+                "unlabeled images go (imagesTs/ for the generic layout)",
             )
         try:
-            src_sha = file_sha256(job.image)
+            src_sha = source_sha256(job.image)
+            lab_sha = source_sha256(job.label) if job.label else None
         except OSError as err:
             raise _VolumeError(
                 job.image, f"cannot read file ({err.strerror}); check that it exists and is readable"
             ) from None
-        lab_sha = file_sha256(job.label) if job.label else None
-        if (
-            existing is not None
-            and existing.get("source_sha256") == src_sha
-            and existing.get("label_sha256") == lab_sha
-            and existing.get("settings_sha256") == settings_sha
-        ):
-            return "skipped", job.vid, job.image, ""
+        pending = []
+        for vid, t in todo:
+            old = existing.get(vid)
+            if (old is not None and old.get("source_sha256") == src_sha and old.get("label_sha256") == lab_sha
+                    and old.get("settings_sha256") == settings_sha):
+                results.append(("skipped", vid, job.image, "", 0))
+            else:
+                pending.append((vid, t))
+        todo = pending
+        if not todo:
+            return results
 
-        img = _read(job.image, "image")
-        source_orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
-        original_shape = list(img.GetSize()[::-1])
-        lab = None
-        if job.label:
-            lab = _read(job.label, "label")
-            if lab.GetSize() != img.GetSize():
-                raise _VolumeError(
-                    job.label,
-                    f"label shape {lab.GetSize()[::-1]} differs from image shape {img.GetSize()[::-1]} "
-                    f"({job.image}); give the label on the image's voxel grid",
-                )
-            if not _same_geometry(img, lab):
-                raise _VolumeError(
-                    job.label,
-                    "label origin/spacing/direction differ from the image's; resample the label onto the image grid",
-                )
-            lab.CopyInformation(img)  # tiny header rounding differences must not change the orientation
-
-        img = sitk.DICOMOrient(img, CANONICAL_ORIENTATION)
-        img = _resample_inplane(sitk.Cast(img, sitk.sitkFloat32), settings["target_spacing"], sitk.sitkLinear)
-        image = sitk.GetArrayFromImage(img).astype(np.float32)  # (Z, H, W)
-        if not np.isfinite(image).all():
-            raise _VolumeError(
-                job.image, "image contains NaN or Inf values; fix the export (e.g. replace them with 0)"
-            )
-
-        label = None
-        if lab is not None:
-            lab = sitk.DICOMOrient(lab, CANONICAL_ORIENTATION)
-            values = sitk.GetArrayViewFromImage(lab)
-            if not np.isfinite(values).all() or np.any(values != np.round(values)):
-                raise _VolumeError(job.label, "label has non-integer values; labels must be integer class ids")
-            if values.min() < 0 or values.max() > 255:
-                raise _VolumeError(
-                    job.label, f"label values {values.min()}..{values.max()} are outside 0..255; use class ids 0..255"
-                )
-            lab = _resample_inplane(
-                sitk.Cast(lab, sitk.sitkUInt8), settings["target_spacing"], sitk.sitkNearestNeighbor
-            )
-            label = sitk.GetArrayFromImage(lab).astype(np.uint8)
-
-        image = _normalise(image, settings["modality"], settings["clip_percentiles"])
-        z = image.shape[0]
-        g = settings["gcl_partitions"]
-        sx, sy, sz = img.GetSpacing()
-        attrs = {
-            "spacing": [sz, sy, sx],
-            "original_shape": original_shape,
-            "orientation": source_orientation,
-            "origin": list(img.GetOrigin()),
-            "direction": list(img.GetDirection()),
-            "positions": [(i + 1) / z for i in range(z)],
-            "partitions": [i * g // z for i in range(z)],
-            "source_sha256": src_sha,
-            "label_sha256": lab_sha,
-            "settings_sha256": settings_sha,
-        }
-        zstore.write_volume(store_path, job.vid, image, label, attrs)
-        return "converted", job.vid, job.image, ""
+        img4 = _read(job.image, "image", allow_4d=True)
+        lab4 = _read(job.label, "label", allow_4d=True) if job.label else None
+        while todo:
+            vid, t = todo[0]
+            try:
+                img = _frame(img4, t, job.image, "image")
+                lab = _frame(lab4, t if job.label_frames else None, job.label, "label") if lab4 is not None else None
+                image, label, attrs = _volume(img, lab, settings, job.image, job.label)
+                attrs.update({
+                    "frame": None if t is None else t + 1,
+                    "patient": zstore.patient_id(vid),
+                    "source_sha256": src_sha,
+                    "label_sha256": lab_sha,
+                    "settings_sha256": settings_sha,
+                })
+                zstore.write_volume(store_path, vid, image, label, attrs, compressor=settings["compressor"])
+                nbytes = img.GetNumberOfPixels() * img.GetSizeOfPixelComponent()
+                results.append(("converted", vid, job.image, "", int(nbytes)))
+            except _VolumeError as err:
+                results.append(("failed", vid, err.path, err.reason, 0))
+            todo.pop(0)
     except _VolumeError as err:
-        return "failed", job.vid, err.path, err.reason
+        results += [("failed", vid, err.path, err.reason, 0) for vid, _ in todo]
     except MemoryError:
-        return "failed", job.vid, job.image, "out of memory while converting; run with fewer workers"
+        results += [("failed", vid, job.image, "out of memory while converting; run with fewer workers", 0)
+                    for vid, _ in todo]
     except Exception as err:  # keep going: one odd file must not cost the other volumes
-        reason = f"unexpected {type(err).__name__}: {err}; please report this file's format"
-        return "failed", job.vid, job.image, reason
+        reason = f"unexpected {type(err).__name__}: {str(err)[:200]}; please report this file's format"
+        results += [("failed", vid, job.image, reason, 0) for vid, _ in todo]
+    return results
 
 
 # ---------------------------------------------------------------- driver
@@ -371,6 +430,21 @@ def _check_config(cfg: DataConfig) -> None:
         raise UserError(f"data.layout {cfg.layout!r} is not known; valid layouts: {', '.join(LAYOUTS)}")
     if cfg.modality not in MODALITIES:
         raise UserError(f"data.modality {cfg.modality!r} is not known; valid: {', '.join(MODALITIES)}")
+    if cfg.slice_axis not in ORIENTATIONS:
+        raise UserError(f"data.slice_axis {cfg.slice_axis!r} is not known; valid: {', '.join(ORIENTATIONS)}")
+    if cfg.intensity not in INTENSITIES:
+        raise UserError(f"data.intensity {cfg.intensity!r} is not known; valid: {', '.join(INTENSITIES)}")
+    if cfg.intensity == "window":
+        if cfg.modality != "ct":
+            raise UserError("data.intensity=window clips Hounsfield units and needs data.modality=ct; "
+                            "use percentile or zscore for MRI")
+        w = cfg.hu_window
+        if not (isinstance(w, (list, tuple)) and len(w) == 2 and float(w[0]) < float(w[1])):
+            raise UserError(f"data.hu_window {w!r} must be two numbers [low, high] in HU with low < high")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise UserError(f"data.interpolation {cfg.interpolation!r} is not known; valid: {', '.join(INTERPOLATIONS)}")
+    if cfg.compressor not in zstore.COMPRESSORS:
+        raise UserError(f"data.compressor {cfg.compressor!r} is not known; valid: {', '.join(zstore.COMPRESSORS)}")
     clip = cfg.clip_percentiles
     if not (isinstance(clip, (list, tuple)) and len(clip) == 2 and 0 <= float(clip[0]) < float(clip[1]) <= 100):
         raise UserError(f"data.clip_percentiles {clip!r} must be two numbers 0 <= low < high <= 100, e.g. [1, 99]")
@@ -383,97 +457,103 @@ def _check_config(cfg: DataConfig) -> None:
         raise UserError(f"data.folds must be >= 1, got {cfg.folds}")
 
 
-def volume_settings(cfg: DataConfig) -> dict[str, Any]:
+def resolved_intensity(cfg: DataConfig) -> str:
+    if cfg.intensity != "auto":
+        return cfg.intensity
+    return "percentile" if cfg.modality == "ct" else "zscore"
+
+
+def volume_settings(cfg: DataConfig, class_names: list[str] | None = None) -> dict[str, Any]:
     """The settings that determine the stored arrays (a change re-converts every volume)."""
+    intensity = resolved_intensity(cfg)
+    mapping = layouts.LABEL_MAPS.get(cfg.layout)
     return {
         "version": SETTINGS_VERSION,
         "layout": cfg.layout,
         "modality": cfg.modality,
+        "intensity": intensity,
         "clip_percentiles": [float(c) for c in cfg.clip_percentiles],
+        "hu_window": [float(w) for w in cfg.hu_window] if intensity == "window" else None,
         "target_spacing": [float(s) for s in cfg.target_spacing] if cfg.target_spacing else None,
+        "interpolation": cfg.interpolation,
+        "slice_axis": cfg.slice_axis,
+        "orientation": ORIENTATIONS[cfg.slice_axis],
         "gcl_partitions": int(cfg.gcl_partitions),
-        "orientation": CANONICAL_ORIENTATION,
+        "compressor": cfg.compressor,
+        "num_classes": len(class_names) if class_names else None,
+        "label_map": {str(k): v for k, v in mapping.items()} if mapping else None,
+        "label_above_to_zero": layouts.LABEL_ABOVE_TO_ZERO.get(cfg.layout),
     }
-
-
-def _class_names(raw: Path) -> list[str] | None:
-    """Class names from an MSD / nnU-Net ``dataset.json`` if there is one."""
-    path = raw / "dataset.json"
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text()).get("labels")
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not valid JSON; fix it or remove it") from None
-    if not isinstance(labels, dict) or not labels:
-        return None
-    try:
-        if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background", ...}
-            by_id = {int(k): str(v) for k, v in labels.items()}
-        else:  # nnU-Net v2: {"background": 0, ...}
-            by_id = {int(v): str(k) for k, v in labels.items()}
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: 'labels' must map class ids to names") from None
-    return [by_id.get(i, f"class_{i}") for i in range(max(by_id) + 1)]
 
 
 def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> PreprocessSummary:
     """Convert ``cfg.raw_dir`` into the Zarr store ``cfg.store``; returns what happened per volume."""
     _check_config(cfg)
     raw = Path(cfg.raw_dir)
-    jobs, problems = _discover(raw, cfg.layout)
+    jobs, problems = layouts.discover(raw, cfg.layout)
     if not jobs and not problems:
-        where = "imagesTr/ or imagesTs/" if cfg.layout == "generic" else "the folder itself"
         raise UserError(
-            f"no images ({', '.join(EXTENSIONS)}) found in data.raw_dir {raw} (layout {cfg.layout!r} "
-            f"looks in {where}); check raw_dir and data.layout"
+            f"no images ({', '.join(EXTENSIONS)} or DICOM series folders) found in data.raw_dir {raw} "
+            f"for layout {cfg.layout!r} (see pcl_hpc/data/layouts.py for what each layout looks for); "
+            "check raw_dir and data.layout"
         )
-    class_names = _class_names(raw) if cfg.layout == "generic" else None
+    class_names = layouts.class_names(raw, cfg.layout)
 
     store_path = str(cfg.store)
     zstore.init_store(store_path)
     zstore.remove_leftovers(store_path)
-    settings = volume_settings(cfg)
+    settings = volume_settings(cfg, class_names)
     settings_sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     stored = zstore.stored_volume_dirs(store_path)
     existing = {vid: zstore.volume_attrs(store_path, vid) for vid in stored}
 
+    def existing_for(job):
+        return {vid: existing[vid] for vid in job.vids if vid in existing}
+
     summary = PreprocessSummary(store=store_path)
     summary.failed.extend(problems)
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="vol", disable=not progress)
+    total = sum(len(job.outputs) for job in jobs)
+    bar = tqdm(total=total, desc="preprocess", unit="vol", disable=not progress)
     results = []
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: the parent may hold threads (zarr IO, torch) that fork would copy broken
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
             futures = {
-                pool.submit(_convert, job, settings, settings_sha, store_path, existing.get(job.vid)): job
+                pool.submit(_convert, job, settings, settings_sha, store_path, existing_for(job)): job
                 for job in jobs
             }
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
-                    results.append(fut.result())
+                    out = fut.result()
                 except Exception as err:  # a worker killed (e.g. out of memory) or crashed inside ITK
                     reason = f"worker process failed ({type(err).__name__}); run again with fewer workers"
-                    results.append(("failed", job.vid, job.image, reason))
-                bar.update()
+                    out = [("failed", vid, job.image, reason, 0) for vid in job.vids]
+                results += out
+                bar.update(len(out))
     else:
         for job in jobs:
-            results.append(_convert(job, settings, settings_sha, store_path, existing.get(job.vid)))
-            bar.update()
+            out = _convert(job, settings, settings_sha, store_path, existing_for(job))
+            results += out
+            bar.update(len(out))
     bar.close()
 
+    multi = {vid for job in jobs if len(job.outputs) > 1 for vid in job.vids}
     kept = set()
-    for status, vid, path, reason in sorted(results, key=lambda r: r[1]):
+    for status, vid, path, reason, nbytes in sorted(results, key=lambda r: r[1]):
         if status == "failed":
-            summary.failed.append((path, reason))
+            summary.failed.append((path, f"[{vid}] {reason}" if vid in multi else reason))
         else:
             kept.add(vid)
             (summary.converted if status == "converted" else summary.skipped).append(vid)
+            summary.source_bytes += nbytes
     # The store mirrors raw_dir: volumes whose source vanished or now fails are not left behind
     # looking current.
     for vid in stored:
         if vid not in kept:
             zstore.remove_volume(store_path, vid)
-    zstore.write_manifest(store_path, {**settings, "folds": int(cfg.folds)}, class_names)
+    zstore.write_manifest(
+        store_path, {**settings, "folds": int(cfg.folds), "fold_seed": int(cfg.fold_seed)}, class_names
+    )
     return summary
+

@@ -44,8 +44,16 @@ _PREPROCESS_HINT = "run `pcl-hpc preprocess --config ...` first"
 _VID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+# Both bitshuffle; tools/bench_data.py measures ratio, write and read speed of each. zstd is the
+# default: on smooth float32 slices it packs noticeably tighter than lz4, and decoding one slice is
+# still far faster than augmenting it (see the bench's JSON line).
+COMPRESSORS = {"zstd": 3, "lz4": 5}  # name -> Blosc clevel
+
+
+def _compressor(name: str = "zstd") -> BloscCodec:
+    if name not in COMPRESSORS:
+        raise UserError(f"compressor {name!r} is not known; valid: {', '.join(COMPRESSORS)}")
+    return BloscCodec(cname=name, clevel=COMPRESSORS[name], shuffle="bitshuffle")
 
 
 def check_volume_id(vid: str) -> None:
@@ -143,8 +151,12 @@ def write_volume(
     image: np.ndarray,
     label: np.ndarray | None,
     attrs: dict[str, Any],
+    compressor: str = "zstd",
 ) -> None:
-    """Write one volume atomically: build it under a temporary name, then rename it into place."""
+    """Write one volume atomically: build it under a temporary name, then rename it into place.
+
+    ``content_sha256`` (over the stored arrays' bytes) is added to the attrs: the manifest's
+    content hash is built from it, so it changes exactly when stored data changes."""
     check_volume_id(vid)
     image = np.asarray(image)
     if image.ndim != 3:
@@ -154,21 +166,28 @@ def write_volume(
         if label.shape != image.shape:
             raise ValueError(f"volume {vid}: label shape {label.shape} != image shape {image.shape}")
     init_store(store_path)
+    codec = _compressor(compressor)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    digest = hashlib.sha256(f"{image.shape}".encode())
+    digest.update(image.tobytes())
+    if label is not None:
+        label = np.ascontiguousarray(label, dtype=np.uint8)
+        digest.update(label.tobytes())
 
     tmp_name = f"{TMP_PREFIX}{vid}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
     group = root["volumes"].create_group(tmp_name)
     chunks = (1, *image.shape[1:])
     arr = group.create_array(
-        "image", shape=image.shape, chunks=chunks, dtype="float32", compressors=_compressor()
+        "image", shape=image.shape, chunks=chunks, dtype="float32", compressors=codec
     )
-    arr[...] = image.astype(np.float32, copy=False)
+    arr[...] = image
     if label is not None:
         lab = group.create_array(
-            "label", shape=label.shape, chunks=chunks, dtype="uint8", compressors=_compressor()
+            "label", shape=label.shape, chunks=chunks, dtype="uint8", compressors=codec
         )
-        lab[...] = label.astype(np.uint8, copy=False)
-    group.attrs.update(_jsonable({**attrs, "labeled": label is not None}))
+        lab[...] = label
+    group.attrs.update(_jsonable({**attrs, "labeled": label is not None, "content_sha256": digest.hexdigest()}))
 
     vols = _volumes_dir(store_path)
     remove_volume(store_path, vid)  # re-conversion of a changed source replaces the old volume
@@ -184,15 +203,16 @@ def patient_id(vid: str) -> str:
     return re.sub(r"_frame\d+$", "", vid)
 
 
-def _assign_folds(vids: list[str], k: int) -> dict[str, int]:
-    patients = sorted({patient_id(v) for v in vids})
-    order = np.random.default_rng(FOLD_SEED).permutation(len(patients))
+def _assign_folds(patient_of: dict[str, str], k: int, seed: int = FOLD_SEED) -> dict[str, int]:
+    """Patient-level folds: shuffled patients dealt round-robin, so fold sizes differ by at most one."""
+    patients = sorted(set(patient_of.values()))
+    order = np.random.default_rng(seed).permutation(len(patients))
     fold_of = {patients[j]: rank % k for rank, j in enumerate(order)}
-    return {v: fold_of[patient_id(v)] for v in vids}
+    return {v: fold_of[p] for v, p in patient_of.items()}
 
 
-def content_hash(entries: list[tuple[str, str, str | None]], settings: dict[str, Any]) -> str:
-    """sha256 over (volume id, source checksums) sorted by id, and the preprocessing settings."""
+def content_hash(entries: list[tuple[str, ...]], settings: dict[str, Any]) -> str:
+    """sha256 over (volume id, stored-content and source checksums) sorted by id, and the settings."""
     payload = json.dumps(
         {"volumes": sorted([list(e) for e in entries]), "settings": settings}, sort_keys=True
     )
@@ -209,10 +229,12 @@ def write_manifest(
     if folds < 1:
         raise UserError(f"data.folds must be >= 1, got {folds}")
     vids = list(stored_volume_dirs(store_path))
-    fold_of = _assign_folds(vids, folds)
+    all_attrs = {vid: volume_attrs(store_path, vid) for vid in vids}
+    patient_of = {vid: str(all_attrs[vid].get("patient") or patient_id(vid)) for vid in vids}
+    fold_of = _assign_folds(patient_of, folds, int(settings.get("fold_seed", FOLD_SEED)))
     volumes, entries = [], []
     for vid in vids:
-        attrs = volume_attrs(store_path, vid)
+        attrs = all_attrs[vid]
         meta = json.loads((_volumes_dir(store_path) / vid / "image" / "zarr.json").read_text())
         volumes.append(
             {
@@ -220,10 +242,10 @@ def write_manifest(
                 "shape": meta["shape"],
                 "labeled": bool(attrs.get("labeled")),
                 "fold": fold_of[vid],
-                "patient": patient_id(vid),
+                "patient": patient_of[vid],
             }
         )
-        entries.append((vid, attrs.get("source_sha256"), attrs.get("label_sha256")))
+        entries.append((vid, attrs.get("content_sha256"), attrs.get("source_sha256"), attrs.get("label_sha256")))
     settings = _jsonable(settings)
     manifest = {
         "format": FORMAT,
@@ -275,3 +297,32 @@ def load_volume(store_path: str | Path, vid: str) -> tuple[np.ndarray, np.ndarra
     image = group["image"][...]
     label = group["label"][...] if "label" in group else None
     return image, label, dict(group.attrs)
+
+
+def labeled_split(
+    store_or_manifest: str | Path | dict[str, Any], fold: int, m: int | None = None, seed: int = 0
+) -> dict[str, list[str]]:
+    """The semi-supervised protocol's volumes for one fold: ``{"train": ..., "test": ...}``.
+
+    ``test``: every labeled volume of the patients in ``fold``. ``train``: the labeled volumes of
+    ``m`` patients drawn (seeded by ``seed`` and ``fold``) from the other folds' labeled patients;
+    ``m=None`` takes them all. For ACDC a patient brings both its ED and ES frames. The same
+    (manifest, fold, m, seed) always gives the same lists, on every rank and machine, and a larger
+    ``m`` keeps the patients of a smaller one (the draw is one seeded permutation, cut at ``m``).
+    """
+    manifest = store_or_manifest if isinstance(store_or_manifest, dict) else read_manifest(store_or_manifest)
+    k = int(manifest["settings"].get("folds", 5))
+    if not 0 <= int(fold) < k:
+        raise UserError(f"fold {fold} is not in 0..{k - 1} (the store was written with data.folds={k})")
+    labeled = [v for v in manifest["volumes"] if v["labeled"]]
+    test = [v["id"] for v in labeled if v["fold"] == fold]
+    pool = sorted({v["patient"] for v in labeled if v["fold"] != fold})
+    if m is not None and not 0 < int(m) <= len(pool):
+        raise UserError(
+            f"cannot draw {m} labeled patients for fold {fold}: {len(pool)} are available outside it; "
+            f"choose M between 1 and {len(pool)}"
+        )
+    order = np.random.default_rng([int(seed), int(fold)]).permutation(len(pool))
+    chosen = {pool[j] for j in order[: len(pool) if m is None else int(m)]}
+    train = [v["id"] for v in labeled if v["fold"] != fold and v["patient"] in chosen]
+    return {"train": train, "test": test}

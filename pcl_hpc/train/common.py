@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -65,3 +66,62 @@ class Throughput:
         rate = self._n / max(now - self._t, 1e-9)
         self._t, self._n = now, 0
         return rate
+
+
+def resume_or_start(ckpt, cfg, generator: torch.Generator | None = None) -> tuple[dict, dict]:
+    """Load `latest` (or checkpoint.path) into the strategy and this rank's RNGs; ({}, {}) for a fresh run."""
+    folder = ckpt.find(cfg.checkpoint.path, cfg.checkpoint.resume)
+    if folder is None:
+        return {}, {}
+    meta, rank_state = ckpt.load(folder, generator)
+    if ckpt.env.is_main:
+        print(f"resuming from {folder} (step {meta['step']})", flush=True)
+    return meta, rank_state
+
+
+def log_step(tracker, out: Path, step: int, metrics: dict, total: int, is_main: bool) -> None:
+    """Rank 0: one JSON line, the tracker, and a short progress line."""
+    if not is_main:
+        return
+    append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
+    tracker.log_metrics(metrics, step)
+    rate = f" ({metrics['views_per_s']:.0f} views/s)" if "views_per_s" in metrics else ""
+    print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g}{rate}", flush=True)
+
+
+def maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault injection for the resume tests: PCL_HPC_FAULT=<kill|signal>:<step>:<rank>.
+
+    After step <step>'s checkpoint decision, rank <rank> either exits hard (kill: like a dead node)
+    or sends itself SIGUSR1 (signal: like SLURM before preemption). Only in the first attempt of a
+    torchrun group, so a restarted group runs through.
+    """
+    spec = os.environ.get("PCL_HPC_FAULT", "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kind, at, who = spec.split(":")
+    if int(at) != step or int(who) != rank:
+        return
+    if kind == "kill":
+        print(f"PCL_HPC_FAULT: rank {rank} exits hard after step {step}", flush=True)
+        os._exit(13)
+    import signal
+
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def run_outcome(tracker, guard):
+    """Around a loop: the tracking run ends KILLED on a preemption, FAILED on an error; signal handlers are restored."""
+    from pcl_hpc.engine.loop import Preempted
+
+    try:
+        yield
+    except Preempted:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finally:
+        guard.close()

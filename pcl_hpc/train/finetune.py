@@ -5,7 +5,6 @@ The model is selected on the validation volumes, never on the test volumes it is
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -15,15 +14,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pcl_hpc import dist
-from pcl_hpc.config import Config, flatten, save_config
+from pcl_hpc.config import Config, flatten, save_config, to_dict
 from pcl_hpc.data.augment import augment_pair
-from pcl_hpc.data.dataset import SliceDataset
+from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
 from pcl_hpc.data.store import read_manifest
 from pcl_hpc.errors import UserError
+from pcl_hpc.engine.checkpoint import Checkpointer, rng_state
+from pcl_hpc.engine.launch import init_distributed
+from pcl_hpc.engine.loop import Preempted, StepGuard, resumable_batches
+from pcl_hpc.engine.strategy import build_strategy
 from pcl_hpc.evaluate import evaluate_volumes
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.tracking import Tracker, encoder_lineage, load_encoder_state, resolve_tracking_uri
-from pcl_hpc.train.common import append_jsonl, git_commit, save_atomic, seed_everything
+from pcl_hpc.train.common import log_step, resume_or_start, run_outcome, save_atomic, seed_everything
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -46,59 +49,84 @@ def check_splits(f) -> None:
         raise UserError(f"finetune: test volumes {sorted(overlap)} also appear in train/val volumes")
 
 
+def freeze_encoder(model, frozen: bool) -> None:
+    """Frozen: the pretrained encoder gets no gradients (the decoder learns on top of it first)."""
+    for param in model.encoder.parameters():
+        param.requires_grad_(not frozen)
+
+
 def finetune(cfg: Config) -> dict:
     f = cfg.finetune
     check_splits(f)
-    env = dist.detect()
+    env = init_distributed(cfg)
     if env.distributed:
         raise UserError("finetune runs in one process per job for now: start it without torchrun / with one task")
     dist.set_threads(env, cfg.engine.threads)
-    out = Path(cfg.output_dir)
-    manifest = read_manifest(cfg.data.store)
+    out, manifest = Path(cfg.output_dir), read_manifest(cfg.data.store)
+    dataset = SliceDataset(cfg.data.store, f.train_volumes, patch=cfg.data.patch, with_labels=True)
+    sampler = ResumableDistributedSampler(len(dataset), seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=f.batch_size, sampler=sampler, drop_last=len(dataset) > f.batch_size,
+                        num_workers=cfg.data.num_workers)
+    per_epoch, total_steps = len(loader), f.epochs * len(loader)
+
+    # Build, then load-or-resume.
     seed_everything(cfg.seed)
-    model = build_unet(cfg.model, f.num_classes + 1).to(env.device)
+    model = build_unet(cfg.model, f.num_classes + 1)
     if f.encoder:
         mlflow.set_tracking_uri(resolve_tracking_uri(cfg))  # where models:/ URIs are looked up
         model.encoder.load_state_dict(load_encoder_state(f.encoder))
-    dataset = SliceDataset(cfg.data.store, f.train_volumes, patch=cfg.data.patch, with_labels=True)
-    loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=True, drop_last=len(dataset) > f.batch_size,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.Adam(model.parameters(), lr=f.lr, weight_decay=f.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(f.epochs * len(loader), 1))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    strategy = build_strategy(cfg, env)
+    net = strategy.setup(model, optimizer, schedule, f.batch_size)
     augment_rng = torch.Generator(device=env.device).manual_seed(cfg.seed)
+    ckpt = Checkpointer(out, strategy, cfg.checkpoint.keep)
+    meta, _ = resume_or_start(ckpt, cfg, augment_rng)
+    step, best = meta.get("step", 0), meta.get("best_val_dice", -1.0)
     val_volumes = f.val_volumes or f.train_volumes  # without a validation split, select on training volumes
 
     tracker = Tracker(cfg, enabled=env.is_main)
     init = "random" if not f.encoder else f.encoder
-    tracker.start(cfg.tracking.run_name or "finetune", flatten(cfg), tags={
-        "stage": "finetune", "init": init, "labeled_volumes": len(f.train_volumes),
-        "store_hash": manifest.get("content_hash", ""), "git_commit": git_commit(),
-        **(encoder_lineage(f.encoder) if f.encoder else {})})
-    if env.is_main:
-        save_config(cfg, out / "config.yaml")
+    tracker.start(cfg.tracking.run_name or "finetune", flatten(cfg), run_id=meta.get("run_id"), tags={
+        "stage": "finetune", "init": init, "labeled_volumes": len(f.train_volumes), "strategy": strategy.name,
+        "store_hash": manifest.get("content_hash", ""), **(encoder_lineage(f.encoder) if f.encoder else {})})
+    save_config(cfg, out / "config.yaml")
+    guard = StepGuard(cfg.engine.max_bad_steps, env.device)
 
-    best, best_state, step = -1.0, None, 0
-    for epoch in range(f.epochs):
-        model.train()
-        for batch in loader:
+    with run_outcome(tracker, guard):
+        for epoch, batch in resumable_batches(loader, sampler, f.batch_size, step):
+            if step >= total_steps:
+                break
+            freeze_encoder(strategy.module, frozen=epoch < f.freeze_encoder_epochs)
             images, labels = batch["image"].to(env.device), batch["label"].to(env.device)
             if f.augment:
                 images, labels = augment_pair(images, labels, generator=augment_rng)
-            loss = segmentation_loss(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            with strategy.autocast():
+                logits = net(strategy.prepare(images))
+            loss = segmentation_loss(logits.float(), labels)
+            if guard.finite(loss):
+                strategy.backward(loss)
+            strategy.step() if guard.end_step(step + 1) else strategy.skip()
             step += 1
-        val = evaluate_volumes(model, cfg.data.store, val_volumes, f.num_classes, env.device)["mean"]
-        if val > best:
-            best, best_state = val, copy.deepcopy(model.state_dict())
-        metrics = {"loss": loss.item(), "val_dice": val, "lr": schedule.get_last_lr()[0]}
-        tracker.log_metrics(metrics, step)
-        append_jsonl(out / "metrics.jsonl", {"epoch": epoch, "step": step, **metrics})
+            if step % per_epoch == 0:  # end of an epoch: select on the validation volumes, save
+                val = evaluate_volumes(strategy.module, cfg.data.store, val_volumes, f.num_classes, env.device)["mean"]
+                strategy.module.train()
+                if val > best:
+                    best = val
+                    save_atomic(strategy.module.state_dict(), out / "model_best.pt")
+                log_step(tracker, out, step, {"loss": loss.item(), "val_dice": val, "lr": strategy.lr,
+                                              "skipped_steps": guard.skipped_total, "epoch": epoch}, total_steps, True)
+            if guard.stop or step % per_epoch == 0:
+                ckpt.save(step, {"micro": step, "epoch": epoch, "best_val_dice": best, "run_id": tracker.run_id,
+                                 "config": to_dict(cfg)}, {"rng": rng_state(augment_rng), "sampler": sampler.state_dict()})
+            if guard.stop:
+                raise Preempted(f"finetune: saved step {step} after {guard.signalled}; start the same command again to resume")
 
+    model = strategy.module
     save_atomic(model.state_dict(), out / "model_last.pt")
-    model.load_state_dict(best_state)
+    if not (out / "model_best.pt").is_file():  # no epoch was run
+        save_atomic(model.state_dict(), out / "model_best.pt")
+    model.load_state_dict(torch.load(out / "model_best.pt", map_location=env.device, weights_only=True))
     save_atomic(model.state_dict(), out / "model.pt")
     result = evaluate_volumes(model, cfg.data.store, f.test_volumes, f.num_classes, env.device)
     result.update(init=cfg.tracking.run_name or init, labeled=len(f.train_volumes), best_val_dice=best,
@@ -108,5 +136,5 @@ def finetune(cfg: Config) -> dict:
     tracker.log_artifact(out / "results.json")
     tracker.end()
     print(f"finetune done: {init} with M={len(f.train_volumes)}: test Dice {result['mean']:.3f} "
-          f"(best val {best:.3f}); model {out / 'model.pt'}", flush=True)
+          f"(best val {best:.3f}); best model {out / 'model.pt'}, last {out / 'model_last.pt'}", flush=True)
     return result
