@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import submitit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pcl_hpc.config import load_config  # noqa: E402
+from pcl_hpc.engine.loop import Preempted  # noqa: E402
 from pcl_hpc.errors import UserError  # noqa: E402
 
 
@@ -37,6 +39,16 @@ class StageJob:
             MASTER_PORT=str(20000 + int(str(job.job_id).split("_")[0]) % 20000),
         )
         cfg = load_config(self.config_path, self.overrides)
+        try:
+            return self.run_stage(cfg)
+        except Preempted:
+            # Every rank saved at the same step; one requeue brings the job back, and it resumes
+            # from <output_dir>/checkpoints/latest, the name the checkpointer writes.
+            if job.global_rank == 0 and os.environ.get("SLURM_JOB_ID"):
+                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False, timeout=60)
+            raise
+
+    def run_stage(self, cfg):
         if self.stage == "pretrain":
             from pcl_hpc.train.pretrain import pretrain
 

@@ -130,3 +130,20 @@ def test_finetune_from_path_loads_the_encoder(two_process_run, tmp_path):
     model = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
     weights = [k for k in encoder if k.endswith("weight")]
     assert weights and all(torch.equal(model[f"encoder.{k}"], encoder[k]) for k in weights)
+
+
+def test_sync_batchnorm_option():
+    """SyncBatchNorm has no CPU kernel: asking for it on a multi-process CPU job fails clearly, up front."""
+    from pcl_hpc.dist import DistEnv
+    from pcl_hpc.errors import UserError
+    from pcl_hpc.train.pretrain import with_sync_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert with_sync_batchnorm(model, True, DistEnv()) is model  # one process: nothing to synchronise
+    assert with_sync_batchnorm(model, False, DistEnv(world_size=2)) is model
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="model.sync_batchnorm"):
+            with_sync_batchnorm(model, True, DistEnv(world_size=2))
+    else:  # pragma: no cover - GPU machines
+        synced = with_sync_batchnorm(model, True, DistEnv(world_size=2))
+        assert isinstance(synced[1], torch.nn.SyncBatchNorm)

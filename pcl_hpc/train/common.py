@@ -79,14 +79,16 @@ def resume_or_start(ckpt, cfg, generator: torch.Generator | None = None) -> tupl
     return meta, rank_state
 
 
-def log_step(tracker, out: Path, step: int, metrics: dict, total: int, is_main: bool) -> None:
-    """Rank 0: one JSON line, the tracker, and a short progress line."""
+def log_step(tracker, out: Path, step: int, metrics: dict, total: int, is_main: bool, echo: bool = True) -> None:
+    """Rank 0: one JSON line, the tracker, and (when echo) a short progress line."""
     if not is_main:
         return
     append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
     tracker.log_metrics(metrics, step)
-    rate = f" ({metrics['views_per_s']:.0f} views/s)" if "views_per_s" in metrics else ""
-    print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g}{rate}", flush=True)
+    if echo:
+        rate = f" ({metrics['views_per_s']:.0f} views/s)" if "views_per_s" in metrics else ""
+        val = f" val Dice {metrics['val_dice']:.3f}" if "val_dice" in metrics else ""
+        print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g}{rate}{val}", flush=True)
 
 
 def maybe_inject_fault(step: int, rank: int) -> None:

@@ -115,7 +115,8 @@ def finetune(cfg: Config) -> dict:
                     best = val
                     save_atomic(strategy.module.state_dict(), out / "model_best.pt")
                 log_step(tracker, out, step, {"loss": loss.item(), "val_dice": val, "lr": strategy.lr,
-                                              "skipped_steps": guard.skipped_total, "epoch": epoch}, total_steps, True)
+                                              "skipped_steps": guard.skipped_total, "epoch": epoch}, total_steps, True,
+                         echo=(epoch + 1) % f.log_every == 0 or step == total_steps)
             if guard.stop or step % per_epoch == 0:
                 ckpt.save(step, {"micro": step, "epoch": epoch, "best_val_dice": best, "run_id": tracker.run_id,
                                  "config": to_dict(cfg)}, {"rng": rng_state(augment_rng), "sampler": sampler.state_dict()})
