@@ -39,6 +39,7 @@ class DataConfig:
     interpolation: str = "linear"  # in-plane image resampling: linear | bspline (labels are always nearest)
     compressor: str = "zstd"  # Blosc codec of the store (bitshuffle): zstd | lz4
     fold_seed: int = 0  # seed of the patient-level fold assignment in the manifest
+    id_scheme: str = "source"  # volume ids: source (file/folder names) | hashed (pseudonymous; see preprocess.py)
 
 
 @dataclass

@@ -315,6 +315,44 @@ def test_slice_dataset_items(built):
         SliceDataset(cfg.store, ["caseC"], with_labels=True)
 
 
+def test_slice_dataset_fast_chunk_reads_match_zarr(tmp_path):
+    """The direct chunk-file reader gives zarr's arrays, all-zero (unwritten) chunks included,
+    and the dataset falls back to zarr for any other layout."""
+    from pcl_hpc.data import dataset as dmod
+
+    path = tmp_path / "s.zarr"
+    image = np.random.default_rng(0).normal(size=(4, 6, 7)).astype(np.float32)
+    image[2] = 0.0  # zarr writes no chunk for a fill-value slice
+    label = (image > 0.5).astype(np.uint8)
+    label[1] = 0
+    zstore.write_volume(path, "v1", image, label, {"positions": [0.25, 0.5, 0.75, 1.0], "partitions": [0, 0, 1, 1]})
+    zstore.write_manifest(path, {"folds": 1})
+    assert not (path / "volumes" / "v1" / "image" / "c" / "2").exists()
+    ds = SliceDataset(str(path), ["v1"], patch=6, with_labels=True)
+    reader, lab_reader, _, _ = ds._volume(0)
+    assert isinstance(reader, dmod._ChunkReader) and isinstance(lab_reader, dmod._ChunkReader)
+    for z in range(4):
+        np.testing.assert_array_equal(reader(z), image[z])
+        np.testing.assert_array_equal(lab_reader(z), label[z])
+        assert reader(z).dtype == np.float32 and lab_reader(z).dtype == np.uint8
+    fast = [ds[z] for z in range(4)]
+    meta = path / "volumes" / "v1" / "image" / "zarr.json"
+    arr = zarr.open_group(str(path), mode="r")["volumes/v1/image"]
+    assert dmod._ChunkReader.make(meta.parent, arr) is not None
+    zarr_meta = json.loads(meta.read_text())
+    for change in ({"storage_transformers": [{"name": "unknown"}]}, {"data_type": "int16"},
+                   {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}}}):
+        meta.write_text(json.dumps({**zarr_meta, **change}))  # not the layout we write: zarr reads it
+        assert dmod._ChunkReader.make(meta.parent, arr) is None
+    meta.write_text(json.dumps(zarr_meta))
+    group = zarr.open_group(str(path), mode="r")["volumes/v1"]
+    slow = SliceDataset(str(path), ["v1"], patch=6, with_labels=True)
+    slow._handles[0] = (group["image"].__getitem__, group["label"].__getitem__, *ds._volume(0)[2:])
+    slow._pid = ds._pid
+    for z in range(4):
+        assert torch.equal(fast[z]["image"], slow[z]["image"]) and torch.equal(fast[z]["label"], slow[z]["label"])
+
+
 def test_dataloader_with_two_workers(built):
     cfg, _ = built
     ds = SliceDataset(cfg.store, patch=16)
@@ -385,3 +423,47 @@ def test_augment_pair_moves_labels_with_images():
     # Same transform: the bilinear image agrees with the nearest label away from edges.
     agree = (out_img[:, 0].round().long() == out_lab).float().mean()
     assert agree > 0.9
+
+
+def test_elastic_field_matches_the_papers_gaussian_filter():
+    """The blocked-noise field has the spread and smoothness of scipy's gaussian_filter of
+    full-resolution uniform(-1, 1) noise (mode="constant"), the paper's elastic deformation."""
+    from scipy.ndimage import gaussian_filter
+
+    from pcl_hpc.data.augment import elastic_field
+
+    p, n, sigma = 128, 64, 15.0
+    rng = np.random.default_rng(0)
+    ref = np.stack([gaussian_filter(rng.random((p, p)) * 2 - 1, sigma, mode="constant") for _ in range(n)])
+    ours = elastic_field(n, p, torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32,
+                         alpha=(1.0, 1.0), sigma=(sigma, sigma))[..., 0].numpy()
+
+    def stats(f):
+        c = f[:, 32:96, 32:96]
+        lag = [(c[:, :, :-d] * c[:, :, d:]).mean() / (c * c).mean() for d in (8, 16)]
+        return np.array([c.std(), f[:, :6].std(), *lag])
+
+    r, o = stats(ref), stats(ours)
+    assert np.allclose(o[:2], r[:2], rtol=0.15), (o, r)  # centre and border spread
+    # correlation at 8 and 16 px: white noise through a Gaussian filter has exp(-d^2 / (4 sigma^2))
+    analytic = np.exp(-np.array([8.0, 16.0]) ** 2 / (4 * sigma ** 2))
+    assert np.allclose(r[2:], analytic, atol=0.05) and np.allclose(o[2:], analytic, atol=0.05), (o, r, analytic)
+
+
+def test_augment_grid_affine_part_is_exact():
+    """With the elastic part off, the grid is exactly rotation/flip/scale of the pixel centres."""
+    from pcl_hpc.data.augment import _random_grid
+
+    g = _random_grid(5, 40, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(2), 0.0)
+    base = (torch.arange(40, dtype=torch.float32) * 2 + 1) / 40 - 1
+    ys, xs = torch.meshgrid(base, base, indexing="ij")
+    for i in range(5):
+        # recover theta from three points and check every pixel against it
+        t00, t10 = g[i, 0, 1] - g[i, 0, 0]
+        t01, t11 = g[i, 1, 0] - g[i, 0, 0]
+        step = base[1] - base[0]
+        theta = torch.tensor([[t00, t01], [t10, t11]]) / step
+        want = torch.stack([theta[0, 0] * xs + theta[0, 1] * ys, theta[1, 0] * xs + theta[1, 1] * ys], dim=-1)
+        assert torch.allclose(g[i], want, atol=1e-5)
+        s = torch.linalg.det(theta).abs().sqrt()  # 1 / scale
+        assert 1 / 1.3 - 1e-4 <= s <= 1 / 0.7 + 1e-4

@@ -151,3 +151,59 @@ def test_kill_9_loses_at_most_the_volume_in_flight(tmp_path):
     summary = preprocess(DataConfig(raw_dir=str(raw.parent), store=str(store)), progress=False)
     assert summary.ok and set(summary.skipped) == done and len(summary.converted) == 8 - len(done)
     assert not [p for p in (store / "volumes").iterdir() if p.name.startswith(".")]
+
+
+def test_hashed_ids_keep_patient_names_out_of_store_and_logs(tmp_path, capfd):
+    """id_scheme=hashed: a series in a folder named after the patient, and a broken file named
+    after another: neither name nor date reaches the store, its attrs/manifest or the output."""
+    from pcl_hpc.data.preprocess import id_key_path, id_map_path
+
+    raw = tmp_path / "raw"
+    hu = np.random.default_rng(0).integers(-1000, 1500, size=(6, 16, 20)).astype(np.int16)
+    write_dicom_series(raw / "imagesTs" / "DOE_JOHN_19700101", hu)
+    (raw / "imagesTs" / "SMITH_ANNA_19800202.nii.gz").write_bytes(b"")  # fails: its line must not name her
+    (raw / "labelsTr").mkdir()
+    (raw / "labelsTr" / "ROE_RICHARD_19710202.nii.gz").write_bytes(b"x")  # a layout problem (no image)
+    store = tmp_path / "s.zarr"
+    cfg = DataConfig(raw_dir=str(raw), store=str(store), modality="ct", intensity="window",
+                     hu_window=[-1000, 1500], id_scheme="hashed")
+    first = preprocess(cfg, progress=True)
+    print(first.format())
+    assert len(first.converted) == 1 and len(first.failed) == 2
+    vid = first.converted[0]
+    assert vid.startswith("v") and len(vid) == 13 and zstore.volume_ids(cfg.store) == [vid]
+    assert sorted(p.split("/")[0] + "/" + p.split("/")[1][0] for p, _ in first.failed) == ["imagesTs/v", "labelsTr/p"]
+    image, _, attrs = zstore.load_volume(cfg.store, vid)
+    np.testing.assert_allclose(image, (hu + 1000) / 2500, atol=1e-5)
+    manifest = zstore.read_manifest(cfg.store)
+    assert manifest["settings"]["id_scheme"] == "hashed" and manifest["volumes"][0]["patient"] == vid
+
+    second = preprocess(cfg, progress=False)  # same key beside the store: same id, nothing converted
+    print(second.format())
+    assert second.converted == [] and second.skipped == [vid]
+
+    out, err = capfd.readouterr()
+    blobs = [out.encode(), err.encode()]
+    for root, dirs, files in os.walk(store):
+        blobs += [root.encode()] + [d.encode() for d in dirs] + [n.encode() for n in files]
+        blobs += [open(os.path.join(root, n), "rb").read() for n in files]
+    blob = b"\n".join(blobs).lower()
+    leaks = ["DOE", "JOHN", "19700101", "1970-01-01", "SMITH", "ANNA", "19800202", "ROE_", "RICHARD", "19710202",
+             *PHI.values(), "Jane"]
+    for form in leaks:
+        assert form.lower().encode() not in blob, f"{form!r} leaked into the store or the logs"
+    # The way back to the sources lives beside the store only, readable by its owner.
+    key, idmap = id_key_path(cfg.store), id_map_path(cfg.store)
+    assert key.parent == idmap.parent == tmp_path
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and oct(idmap.stat().st_mode & 0o777) == "0o600"
+    text = idmap.read_text()
+    assert f"{vid},imagesTs/DOE_JOHN_19700101," in text and "SMITH_ANNA_19800202.nii.gz" in text
+
+    # A lost key must stop the run, not silently rename (and re-convert) every volume.
+    key.unlink()
+    try:
+        preprocess(cfg, progress=False)
+    except Exception as err:  # UserError
+        assert "key file" in str(err)
+    else:
+        raise AssertionError("preprocess ran without the store's id key")

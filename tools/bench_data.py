@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     from pcl_hpc.data.dataset import SliceDataset, center_fit
     from pcl_hpc.data.preprocess import preprocess
 
+    # One torch thread (OMP_NUM_THREADS=1 unless set): the main process does the batched
+    # augmentation (the accelerator's job in training) while 2 loader workers read; with 2 threads
+    # on a 2-core machine they oversubscribe the cores and the figure drops ~2.5x (measured).
     result: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,6 +31,56 @@ def center_fit(array: np.ndarray, patch: int) -> np.ndarray:
     (sy, dy), (sx, dx) = window(h), window(w)
     out[..., dy, dx] = array[..., sy, sx]
     return out
+
+
+_DTYPES = {"float32": "<f4", "uint8": "u1"}
+
+
+class _ChunkReader:
+    """Reads one slice of a store array straight from its chunk file: ~3x less CPU than zarr's
+    (async) read path, and the loader workers are what limits the pipeline on few cores.
+
+    Only for the layout ``store.write_volume`` writes (local folder, Zarr v3, one ``(1, H, W)``
+    chunk per slice, default ``c/z/0/0`` keys, little-endian bytes + Blosc); ``make`` returns
+    None for anything else, and the caller reads through zarr. A chunk file that does not exist
+    is an all-zero slice (zarr does not write chunks equal to the fill value 0).
+    """
+
+    def __init__(self, folder: Path, shape: tuple[int, int], dtype: str):
+        from numcodecs import blosc
+
+        self.folder, self.shape, self.dtype, self._decompress = folder, shape, dtype, blosc.decompress
+
+    @classmethod
+    def make(cls, folder: Path, array: Any) -> "_ChunkReader | None":
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+            shape = meta["shape"]
+            codecs = [c["name"] for c in meta["codecs"]]
+            ok = (
+                meta.get("zarr_format") == 3 and meta.get("node_type") == "array" and len(shape) == 3
+                and meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, shape[1], shape[2]]
+                and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+                and codecs == ["bytes", "blosc"]
+                and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                and meta["data_type"] in _DTYPES and meta.get("fill_value") in (0, 0.0)
+                and not meta.get("storage_transformers")
+            )
+            if not ok:
+                return None
+            reader = cls(folder, (shape[1], shape[2]), _DTYPES[meta["data_type"]])
+            if shape[0] and not np.array_equal(reader(0), np.asarray(array[0])):  # belt and braces
+                return None
+            return reader
+        except (OSError, ValueError, KeyError, TypeError, ImportError):
+            return None
+
+    def __call__(self, z: int) -> np.ndarray:
+        try:
+            data = (self.folder / "c" / str(z) / "0" / "0").read_bytes()
+        except FileNotFoundError:
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.frombuffer(self._decompress(data), dtype=self.dtype).reshape(self.shape)
 
 
 class SliceDataset(Dataset):
@@ -71,7 +123,7 @@ class SliceDataset(Dataset):
         self.with_labels = with_labels
         depths = np.array([entries[v]["shape"][0] for v in volume_ids], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(depths)])  # slice i is in volume searchsorted(i)
-        self._handles: dict[int, tuple[Any, Any, list[float], list[int]]] = {}
+        self._handles: dict[int, tuple[Callable[[int], np.ndarray], Any, list[float], list[int]]] = {}
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -82,14 +134,20 @@ class SliceDataset(Dataset):
         state["_handles"], state["_pid"] = {}, None  # open handles never cross a process boundary
         return state
 
-    def _volume(self, v: int) -> tuple[Any, Any, list[float], list[int]]:
+    def _volume(self, v: int) -> tuple[Callable[[int], np.ndarray], Any, list[float], list[int]]:
         if self._pid != os.getpid():  # a forked worker must not reuse the parent's handles
             self._handles, self._pid = {}, os.getpid()
         if v not in self._handles:
             group = zarr.open_group(self.store, mode="r")[f"volumes/{self.volume_ids[v]}"]
             attrs = group.attrs
-            label = group["label"] if self.with_labels else None
-            self._handles[v] = (group["image"], label, list(attrs["positions"]), list(attrs["partitions"]))
+            folder = Path(self.store) / "volumes" / self.volume_ids[v]
+            image = group["image"]
+            image = _ChunkReader.make(folder / "image", image) or image.__getitem__
+            label = None
+            if self.with_labels:
+                label = group["label"]
+                label = _ChunkReader.make(folder / "label", label) or label.__getitem__
+            self._handles[v] = (image, label, list(attrs["positions"]), list(attrs["partitions"]))
         return self._handles[v]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -99,14 +157,14 @@ class SliceDataset(Dataset):
         z = int(index - self._starts[v])
         image, label, positions, partitions = self._volume(v)
         item = {
-            "image": torch.from_numpy(center_fit(np.asarray(image[z], dtype=np.float32), self.patch)[None]),
+            "image": torch.from_numpy(center_fit(np.asarray(image(z), dtype=np.float32), self.patch)[None]),
             "position": torch.tensor(positions[z], dtype=torch.float32),
             "partition": torch.tensor(partitions[z], dtype=torch.int64),
             "volume": torch.tensor(v, dtype=torch.int64),
             "slice": torch.tensor(z, dtype=torch.int64),
         }
         if self.with_labels:
-            item["label"] = torch.from_numpy(center_fit(np.asarray(label[z]), self.patch).astype(np.int64))
+            item["label"] = torch.from_numpy(center_fit(np.asarray(label(z)), self.patch).astype(np.int64))
         return item
 
 
