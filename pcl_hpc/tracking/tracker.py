@@ -1,0 +1,488 @@
+"""The run: :class:`Tracker` (rank 0 only, never raises into training), where runs go, standard tags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcl_hpc.config import Config, ModelConfig
+from pcl_hpc.tracking._common import (
+    FALLBACK_FILE,
+    METRICS_PER_BATCH,
+    PARAMS_PER_BATCH,
+    UNREGISTERED_DIR,
+    _chunks,
+    _ensure_experiment,
+    _is_data_error,
+    _log_params_and_tags,
+    _prepare_params,
+    _short,
+    _tag_str,
+)
+from pcl_hpc.tracking.system_metrics import _system_metrics_monitor
+
+log = logging.getLogger(__package__)
+
+MAX_PENDING_METRICS = 100_000  # metrics kept in memory while offline (all of them also go to the JSONL)
+
+# Without these, one MLflow HTTP call to a dead server retries for ~4 minutes (7 retries with
+# exponential backoff, 120 s timeout). The Tracker sets these defaults (only if unset) so an outage
+# costs seconds; export the variables to choose other values.
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+SLURM_TAG_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+
+_latest_tracker: "Tracker | None" = None  # the last started Tracker (register_encoder's fallback file)
+
+
+# ----------------------------------------------------------------------------------------------
+# where runs go
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """``cfg.tracking.uri``; else ``$MLFLOW_TRACKING_URI``; else ``sqlite:///<abs output_dir/..>/mlflow.db``."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return env
+    db = (Path(cfg.output_dir).expanduser().absolute().parent / "mlflow.db").resolve()
+    return f"sqlite:///{db}"
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Make ``uri`` the process's tracking URI; the registry follows it.
+
+    MLflow's registry URI defaults to the tracking URI. It is deliberately not pinned with
+    ``mlflow.set_registry_uri`` (which is sticky: a later ``mlflow.set_tracking_uri`` alone would
+    leave the registry on the old store). An explicit ``$MLFLOW_REGISTRY_URI`` still wins.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+
+
+# ----------------------------------------------------------------------------------------------
+# standard tags
+
+
+def git_commit() -> str:
+    """The commit of the pcl_hpc checkout (``$PCL_GIT_COMMIT`` wins, e.g. in a container without .git)."""
+    env = os.environ.get("PCL_GIT_COMMIT", "")
+    if env:
+        return env
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _global_rank() -> int:
+    """This process's global rank: torch.distributed if initialised, else torchrun's / SLURM's variables."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank()
+    from pcl_hpc.dist import detect
+
+    return detect().rank
+
+
+def _world_size() -> int:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_world_size()
+    from pcl_hpc.dist import detect
+
+    return detect().world_size
+
+
+def standard_tags() -> dict[str, str]:
+    """Tags every run gets from :meth:`Tracker.start`: code version, job size and the SLURM job.
+
+    ``git_commit``, ``world_size`` and, when set, ``slurm_job_id``, ``slurm_array_job_id``,
+    ``slurm_array_task_id``, ``slurm_restart_count``. No host names or user names.
+    """
+    tags = {"git_commit": git_commit(), "world_size": str(_world_size())}
+    for var in SLURM_TAG_VARS:
+        value = os.environ.get(var, "")
+        if value:
+            tags[var.lower()] = value
+    return tags
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    return value in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+class Tracker:
+    """MLflow on global rank 0 only; elsewhere (or with enabled=False) every method is a cheap no-op.
+
+    ``start`` sets the tracking URI, which the registry follows (process-wide, so
+    :func:`register_encoder` and :func:`load_encoder_state` use the same store), the experiment
+    ``cfg.tracking.experiment``, and creates a run (or resumes ``run_id``). The run is not made
+    MLflow's "active run"; pass ``tracker.run_id`` to :func:`register_encoder`.
+
+    * Tags: :func:`standard_tags` (git commit, world size, SLURM ids) plus the caller's.
+    * Params are immutable: on resume, a param whose value changed is kept as it was and the new
+      value is set as the tag ``changed_param.<key>``.
+    * A metric is logged at most once per step: a step <= the last step already logged for that
+      key (in this process or, after a resume, in the run) is skipped.
+    * System metrics (``system/cpu_utilization_percentage``, ``system/system_memory_usage_*``,
+      ``system/gpu_*``) are sampled by MLflow's SystemMetricsMonitor every
+      ``system_metrics_interval_s`` seconds (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins).
+      On by default; off with ``Tracker.system_metrics = False`` or
+      ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``.
+
+    No method raises because the server is unreachable: the first failure warns (``RuntimeWarning``
+    and a log line), what was not sent goes to ``<output_dir>/metrics_fallback.jsonl`` (see
+    "Fallback file" in :mod:`pcl_hpc.tracking.fallback`) and stays in memory; every ``retry_interval_s`` seconds
+    (``$PCL_TRACKING_RETRY_S``, default 120) the next call tries again and, on success, sends the
+    backlog. What never got through can be sent later with :func:`replay_fallback`.
+    """
+
+    retry_interval_s: float = 120.0
+    system_metrics: bool | None = None  # None: $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING if set, else on
+    system_metrics_interval_s: float = 30.0
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.cfg = cfg
+        self.enabled = bool(enabled)
+        if self.enabled and _global_rank() != 0:
+            log.warning("tracking: Tracker(enabled=True) on rank %d; only rank 0 logs to MLflow", _global_rank())
+            self.enabled = False
+        retry = os.environ.get("PCL_TRACKING_RETRY_S", "")
+        if retry:
+            try:
+                self.retry_interval_s = max(0.0, float(retry))
+            except ValueError:
+                log.warning("tracking: PCL_TRACKING_RETRY_S=%r is not a number of seconds; using %s", retry, self.retry_interval_s)
+        self.uri: str | None = None
+        self.fallback_path = Path(cfg.output_dir) / FALLBACK_FILE
+        self.session = uuid.uuid4().hex  # groups this process's lines in the fallback file
+        self._client = None
+        self._run_id: str | None = None
+        self._start_args: dict[str, Any] | None = None  # kept to create the run later if start failed
+        self._offline_since: float | None = None  # monotonic time of the last failure
+        self._warned = False  # warned during the current outage
+        self._pending_metrics: list = []
+        self._pending_tags: dict[str, str] = {}
+        self._pending_artifacts: list[tuple[str, str | None]] = []
+        self._pending_end: str | None = None
+        self._fallback_broken = False
+        self._last_step: dict[str, int] = {}  # metric key -> last step logged (or known in the run)
+        self._monitor = None
+        self._ended = False
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def offline(self) -> bool:
+        return self._offline_since is not None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, run_name: str, params: dict, tags: dict | None = None, run_id: str | None = None) -> str | None:
+        """Create (or resume ``run_id``) and log ``params``; returns the run id (None when disabled or unreachable)."""
+        if not self.enabled:
+            return None
+        global _latest_tracker
+        from mlflow import MlflowClient
+
+        for key, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.uri = resolve_tracking_uri(self.cfg)
+        use_tracking_uri(self.uri)
+        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self._start_args = {
+            "run_name": run_name,
+            "experiment": self.cfg.tracking.experiment,
+            "params": _prepare_params(params or {}),
+            "tags": {**standard_tags(), **{str(k): _tag_str(v) for k, v in (tags or {}).items()}},
+            "run_id": run_id,
+        }
+        _latest_tracker = self
+        try:
+            self._open_run()
+        except Exception as err:  # noqa: BLE001 - unreachable server must not stop training
+            self._failed("start the run", err)
+            self._fallback({"kind": "start", **self._start_args})
+            return None
+        return self._run_id
+
+    def _open_run(self) -> None:
+        args = self._start_args
+        client = self._client
+        if args["run_id"]:
+            run = client.get_run(args["run_id"])
+            run_id = run.info.run_id
+            # Steps already in the run: a resumed run replays steps from its checkpoint; skip those.
+            known = _last_steps(client, run)
+            self._pending_metrics = [m for m in self._pending_metrics if m.key not in known or m.step > known[m.key]]
+            for key, step in known.items():
+                self._last_step[key] = max(step, self._last_step.get(key, step))
+            client.update_run(run_id, status="RUNNING")
+            _log_params_and_tags(client, run_id, args["params"], args["tags"], existing=run.data.params)
+        else:
+            exp_id = _ensure_experiment(client, args["experiment"], self.uri)
+            run = client.create_run(exp_id, run_name=args["run_name"] or None, tags=args["tags"])
+            run_id = run.info.run_id
+            _log_params_and_tags(client, run_id, args["params"], {}, existing={})
+        self._run_id = run_id
+        self._start_system_metrics(resume=bool(args["run_id"]))
+
+    def _system_metrics_on(self) -> bool:
+        if self.system_metrics is not None:
+            return bool(self.system_metrics)
+        flag = _env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+        return True if flag is None else flag
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """(Re)start sampling; MLflow's sampler stops for good at the first failed request."""
+        if self._ended or not self._system_metrics_on() or self._run_id is None:
+            return
+        if self._monitor is not None and self._monitor._process is not None and self._monitor._process.is_alive():
+            return
+        self._monitor = _system_metrics_monitor(self._run_id, self.uri, self.system_metrics_interval_s, resume)
+        if self._monitor is not None:
+            self._monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as err:  # noqa: BLE001
+                log.info("tracking: stopping system metrics: %s", _short(err))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED / FAILED / KILLED; sends any backlog first. Never raises for an outage."""
+        if not self.enabled or self._client is None:
+            return
+        self._ended = True
+        self._stop_system_metrics()
+        if self._run_id is None or self.offline:
+            self._pending_end = status
+            if not self._reconnect(force=True):
+                self._fallback({"kind": "end", "status": status})
+                return
+        try:
+            self._client.set_terminated(self._run_id, status=status)
+            self._pending_end = None
+        except Exception as err:  # noqa: BLE001
+            self._failed("end the run", err)
+            self._fallback({"kind": "end", "status": status})
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``; a key already logged at this or a later step is skipped."""
+        if not self.enabled or self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        step = int(step)
+        values: dict[str, float] = {}
+        for key, value in metrics.items():
+            key = str(key)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                log.warning("tracking: metric %r=%r is not a number; skipped", key, value)
+                continue
+            last = self._last_step.get(key)
+            if last is not None and step <= last:
+                log.debug("tracking: %s already logged up to step %d; step %d skipped", key, self._last_step[key], step)
+                continue
+            values[key] = number
+            self._last_step[key] = step
+        if not values:
+            return
+        entries = [Metric(k, v, stamp, step) for k, v in values.items()]
+        if self._usable():
+            try:
+                for batch in _chunks(entries, METRICS_PER_BATCH):
+                    self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._failed("log metrics", err)
+        self._keep_metrics(entries)
+        self._fallback(
+            {"kind": "metrics", "step": step, "timestamp": stamp,
+             "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
+        )
+
+    def set_tags(self, tags: dict) -> None:
+        if not self.enabled or self._client is None or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        clean = {str(k): _tag_str(v) for k, v in tags.items()}
+        if self._usable():
+            try:
+                for batch in _chunks([RunTag(k, v) for k, v in clean.items()], PARAMS_PER_BATCH):
+                    self._client.log_batch(self._run_id, tags=batch, synchronous=True)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._failed("set tags", err)
+        self._pending_tags.update(clean)
+        self._fallback({"kind": "tags", "tags": clean})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled or self._client is None:
+            return
+        path = str(path)
+        if not os.path.exists(path):
+            log.warning("tracking: artifact %s does not exist; not logged", path)
+            return
+        if self._usable():
+            try:
+                self._send_artifact(path, artifact_path)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._failed("log an artifact", err)
+        self._pending_artifacts.append((path, artifact_path))
+        self._fallback({"kind": "artifact", "path": os.path.abspath(path), "artifact_path": artifact_path})
+
+    def _send_artifact(self, path: str, artifact_path: str | None) -> None:
+        if os.path.isdir(path):
+            self._client.log_artifacts(self._run_id, path, artifact_path)
+        else:
+            self._client.log_artifact(self._run_id, path, artifact_path)
+
+    # -- outage handling -----------------------------------------------------------------------
+
+    def _usable(self) -> bool:
+        """True when the run exists and the server is believed reachable (reconnecting if due)."""
+        if self._run_id is not None and not self.offline:
+            return True
+        return self._reconnect(force=False)
+
+    def _reconnect(self, force: bool) -> bool:
+        if self._start_args is None:
+            return False
+        if not force and self._offline_since is not None:
+            if time.monotonic() - self._offline_since < self.retry_interval_s:
+                return False
+        try:
+            if self._run_id is None:
+                self._open_run()
+            self._flush_pending()
+        except Exception as err:  # noqa: BLE001
+            self._failed("reconnect", err)
+            return False
+        if self._offline_since is not None:
+            log.warning("tracking: reconnected to %s; backlog sent to run %s", self.uri, self._run_id)
+            self._start_system_metrics(resume=True)
+        self._offline_since = None
+        self._warned = False
+        return True
+
+    def _flush_pending(self) -> None:
+        from mlflow.entities import RunTag
+
+        sent = 0
+        while self._pending_metrics:
+            batch = self._pending_metrics[:METRICS_PER_BATCH]
+            self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+            del self._pending_metrics[: len(batch)]
+            sent += len(batch)
+        if self._pending_tags:
+            items = list(self._pending_tags.items())
+            for batch in _chunks(items, PARAMS_PER_BATCH):
+                self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in batch], synchronous=True)
+            self._pending_tags.clear()
+        while self._pending_artifacts:
+            self._send_artifact(*self._pending_artifacts[0])
+            self._pending_artifacts.pop(0)
+        if sent:
+            self._fallback({"kind": "flushed", "metrics": sent, "run_id": self._run_id})
+
+    def _keep_unregistered(self, state, model_cfg: ModelConfig, name: str, alias: str, tags: dict | None) -> Path | None:
+        """Save encoder weights that could not be registered, and a ``register`` fallback line."""
+        folder = self.fallback_path.parent / UNREGISTERED_DIR
+        safe = re.sub(r"[^\w\-.]", "_", name)
+        path = folder / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{self.session[:6]}.pt"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
+        except OSError as err:
+            log.warning("tracking: cannot keep the unregistered encoder in %s: %s", folder, err)
+            return None
+        self._fallback({"kind": "register", "name": name, "alias": alias, "path": str(path.absolute()),
+                        "model": dataclasses.asdict(model_cfg),
+                        "tags": {str(k): _tag_str(v) for k, v in (tags or {}).items()}})
+        return path
+
+    def _keep_metrics(self, entries: list) -> None:
+        self._pending_metrics.extend(entries)
+        overflow = len(self._pending_metrics) - MAX_PENDING_METRICS
+        if overflow > 0:  # the JSONL still holds them
+            del self._pending_metrics[:overflow]
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        if _is_data_error(err) and self._run_id is not None and not self.offline:
+            # The server answered: the request itself was bad (e.g. an invalid metric name).
+            log.warning("tracking: could not %s: %s", what, _short(err))
+            return
+        self._offline_since = time.monotonic()
+        if not self._warned:
+            self._warned = True
+            message = (
+                f"MLflow tracking at {self.uri} failed ({what}): {_short(err)}. Training continues; "
+                f"metrics go to {self.fallback_path} and are retried every {self.retry_interval_s:.0f} s."
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            log.warning("tracking: %s", message)
+
+    def _fallback(self, record: dict) -> None:
+        if self._fallback_broken:
+            return
+        record = {"time": time.time(), "session": self.session, "run_id": self._run_id, **record}
+        try:
+            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.fallback_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, default=str) + "\n")
+        except OSError as err:
+            self._fallback_broken = True
+            log.warning("tracking: cannot write %s (%s); unsent metrics are kept in memory only", self.fallback_path, err)
+
+
+def _last_steps(client, run) -> dict[str, int]:
+    """Metric key -> the largest step logged in ``run`` (MLflow keeps it as the run's latest metric)."""
+    metrics = getattr(run.data, "_metric_objs", None)
+    if metrics is not None:
+        return {m.key: int(m.step) for m in metrics}
+    return {
+        key: max((int(m.step) for m in client.get_metric_history(run.info.run_id, key)), default=0)
+        for key in run.data.metrics
+    }
