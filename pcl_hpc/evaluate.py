@@ -78,6 +78,9 @@ def evaluate_model(cfg, model_path: str | None) -> dict:
         raise UserError(f"evaluate: {model_path} does not fit model.width={cfg.model.width}, "
                         f"finetune.num_classes={cfg.finetune.num_classes} ({str(err).splitlines()[0]})") from None
     result = evaluate_volumes(model, cfg.data.store, cfg.finetune.test_volumes, cfg.finetune.num_classes, torch.device("cpu"))
-    names = [f"class{c}" for c in range(1, cfg.finetune.num_classes + 1)]
+    from pcl_hpc.data.store import read_manifest
+
+    names = (read_manifest(cfg.data.store).get("class_names") or [])[1:]
+    names = names if len(names) == cfg.finetune.num_classes else [f"class{c}" for c in range(1, cfg.finetune.num_classes + 1)]
     print(format_table([{"init": str(model_path), "labeled": "-", **result}], names))
     return result

@@ -132,6 +132,25 @@ def test_finetune_from_path_loads_the_encoder(two_process_run, tmp_path):
     assert weights and all(torch.equal(model[f"encoder.{k}"], encoder[k]) for k in weights)
 
 
+def test_evaluate_command_scores_a_finetuned_model(two_process_run, tmp_path, capsys):
+    """`pcl-hpc evaluate --model` re-scores model.pt; `--results` tabulates results.json files."""
+    out, cfg = two_process_run
+    from pcl_hpc.cli import main
+    from pcl_hpc.train.finetune import finetune
+    run = finetune_config(cfg, tmp_path / "ft", "")
+    result = finetune(run)
+    capsys.readouterr()
+    args = [f"data.store={cfg.data.store}", "model.width=4", "finetune.test_volumes=[dk05]"]
+    assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--model",
+                 str(tmp_path / "ft" / "model.pt"), *args]) == 0
+    table = capsys.readouterr().out
+    assert f"{result['mean']:.3f}" in table  # the same Dice as fine-tuning reported on its test volume
+    assert main(["evaluate", "--results", str(tmp_path / "ft" / "results.json")]) == 0
+    assert "| random | 1 |" in capsys.readouterr().out
+    assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--model",
+                 str(tmp_path / "missing.pt"), *args]) == 2
+
+
 def test_sync_batchnorm_option():
     """SyncBatchNorm has no CPU kernel: asking for it on a multi-process CPU job fails clearly, up front."""
     from pcl_hpc.dist import DistEnv
