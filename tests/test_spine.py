@@ -166,3 +166,21 @@ def test_sync_batchnorm_option():
     else:  # pragma: no cover - GPU machines
         synced = with_sync_batchnorm(model, True, DistEnv(world_size=2))
         assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+
+
+def test_finetune_frozen_encoder_epochs(two_process_run, tmp_path):
+    """finetune.freeze_encoder_epochs: the encoder's weights stay the pretrained ones while the decoder learns."""
+    out, cfg = two_process_run
+    from pcl_hpc.train.finetune import finetune
+    run = finetune_config(cfg, tmp_path / "ft", str(out / "pretrain" / "encoder.pt"))
+    run.finetune.freeze_encoder_epochs = 1
+    finetune(run)
+    encoder = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
+    last = torch.load(tmp_path / "ft" / "model_last.pt", weights_only=True)
+    convs = [k for k in encoder if k.endswith("weight") and encoder[k].dim() == 4]
+    assert convs and all(torch.equal(last[f"encoder.{k}"], encoder[k]) for k in convs)
+    from pcl_hpc.models.unet import build_unet
+    seed_everything(run.seed)
+    untrained = build_unet(run.model, run.finetune.num_classes + 1).state_dict()
+    decoder = [k for k in last if not k.startswith("encoder.") and k.endswith("weight") and last[k].dim() == 4]
+    assert any(not torch.equal(last[k], untrained[k]) for k in decoder), "the decoder must have trained"
