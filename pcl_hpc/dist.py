@@ -75,7 +75,18 @@ def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     # A bounded timeout: a rank that dies makes the others fail instead of hanging until the wall clock.
-    torch_dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        torch_dist.init_process_group(backend=backend, timeout=timeout)
+        return env
+    # torchrun keeps its store across restarts (--max-restarts), so the failed attempt's keys are still
+    # there and a restarted rank could read a dead peer's address ("connectFullMesh ... Connection
+    # refused"). A key prefix per attempt keeps the attempts apart.
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                world_size=env.world_size, is_master=False, timeout=timeout)
+    torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"pcl_hpc_attempt{attempt}", store),
+                                  rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env
 
 

@@ -37,13 +37,22 @@ def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> lis
     return scores
 
 
+def load_labeled(store: str, volumes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{volume id: (image, label)}: read once, then scored as often as needed (e.g. every epoch)."""
+    return {vid: load_volume(store, vid)[:2] for vid in volumes}
+
+
 def evaluate_volumes(model: torch.nn.Module, store: str, volumes: list[str], num_classes: int,
                      device: torch.device) -> dict:
-    """Dice per class per volume and the mean over volumes."""
-    per_volume = {}
-    for vid in volumes:
-        image, label, _ = load_volume(store, vid)
-        per_volume[vid] = dice_per_class(predict_volume(model, image, device), label, num_classes)
+    """Dice per class per volume and the mean over volumes, reading the volumes from the store."""
+    return score_volumes(model, load_labeled(store, volumes), num_classes, device)
+
+
+def score_volumes(model: torch.nn.Module, loaded: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
+                  device: torch.device) -> dict:
+    """Dice per class per volume of `load_labeled`'s volumes, and the mean over volumes."""
+    per_volume = {vid: dice_per_class(predict_volume(model, image, device), label, num_classes)
+                  for vid, (image, label) in loaded.items()}
     scores = np.array(list(per_volume.values()))
     return {"per_volume": per_volume, "mean_per_class": scores.mean(0).tolist(), "mean": float(scores.mean())}
 

@@ -111,13 +111,13 @@ def test_finetune_preempted_then_resumed_matches_straight_run(demo_store, tmp_pa
     straight = ft.finetune(config(tmp_path / "a"))
     calls = []
 
-    def evaluate_then_signal(*args, **kwargs):
+    def validate_then_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             os.kill(os.getpid(), __import__("signal").SIGUSR1)
-        return evaluate.evaluate_volumes(*args, **kwargs)
+        return evaluate.score_volumes(*args, **kwargs)
 
-    monkeypatch.setattr(ft, "evaluate_volumes", evaluate_then_signal)
+    monkeypatch.setattr(ft, "score_volumes", validate_then_signal)  # the per-epoch validation
     with pytest.raises(Preempted) as stop:
         ft.finetune(config(tmp_path / "b"))
     assert stop.value.code == REQUEUE_EXIT_CODE and not (tmp_path / "b" / "model.pt").exists()

@@ -101,6 +101,16 @@ def finetune_config(cfg, out, encoder):
     return run
 
 
+def finetune_from_encoder_file(out, cfg, folder, **settings):
+    """Fine-tune from the pretrained encoder.pt with finetune.<key>=value settings; (encoder state, run config)."""
+    from pcl_hpc.train.finetune import finetune
+    run = finetune_config(cfg, folder, str(out / "pretrain" / "encoder.pt"))
+    for key, value in settings.items():
+        setattr(run.finetune, key, value)
+    finetune(run)
+    return torch.load(out / "pretrain" / "encoder.pt", weights_only=True), run
+
+
 def test_finetune_from_registry_records_lineage(two_process_run, tmp_path):
     out, cfg = two_process_run
     from pcl_hpc.train.finetune import finetune
@@ -122,11 +132,7 @@ def test_finetune_from_registry_records_lineage(two_process_run, tmp_path):
 def test_finetune_from_path_loads_the_encoder(two_process_run, tmp_path):
     """With lr=0 the fine-tuned encoder's weights must be exactly the pretrained ones from encoder.pt."""
     out, cfg = two_process_run
-    from pcl_hpc.train.finetune import finetune
-    run = finetune_config(cfg, tmp_path / "ft", str(out / "pretrain" / "encoder.pt"))
-    run.finetune.lr = 0.0
-    finetune(run)
-    encoder = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
+    encoder, _ = finetune_from_encoder_file(out, cfg, tmp_path / "ft", lr=0.0)
     model = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
     weights = [k for k in encoder if k.endswith("weight")]
     assert weights and all(torch.equal(model[f"encoder.{k}"], encoder[k]) for k in weights)
@@ -171,11 +177,7 @@ def test_sync_batchnorm_option():
 def test_finetune_frozen_encoder_epochs(two_process_run, tmp_path):
     """finetune.freeze_encoder_epochs: the encoder's weights stay the pretrained ones while the decoder learns."""
     out, cfg = two_process_run
-    from pcl_hpc.train.finetune import finetune
-    run = finetune_config(cfg, tmp_path / "ft", str(out / "pretrain" / "encoder.pt"))
-    run.finetune.freeze_encoder_epochs = 1
-    finetune(run)
-    encoder = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
+    encoder, run = finetune_from_encoder_file(out, cfg, tmp_path / "ft", freeze_encoder_epochs=1)
     last = torch.load(tmp_path / "ft" / "model_last.pt", weights_only=True)
     convs = [k for k in encoder if k.endswith("weight") and encoder[k].dim() == 4]
     assert convs and all(torch.equal(last[f"encoder.{k}"], encoder[k]) for k in convs)

@@ -7,7 +7,6 @@
   of every rank, resolved config and tracking run id. Bad checkpoints fail with a clear message.
 * ``loop.py``: resumable micro-batches, the non-finite-loss guard (skip, abort after K in a row) and
   SIGTERM/SIGUSR1 handling: save at the next step boundary, exit with ``REQUEUE_EXIT_CODE`` (75).
-* ``launch.py``: joining the process group, also after torchrun ``--max-restarts`` restarts the group.
 
 A run started again with the same ``output_dir`` resumes from ``latest``; ``--no-resume``
 (``checkpoint.resume=false``) starts fresh and moves old checkpoints to ``checkpoints.old-<time>``.

@@ -1,11 +1,10 @@
-"""Small pieces both training loops share: seeding, atomic saves, a local metrics log, run tags."""
+"""Small pieces both training loops share: seeding, atomic saves, the local metrics log, resume and logging."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -38,17 +37,6 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Throughput:

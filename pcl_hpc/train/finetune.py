@@ -20,10 +20,9 @@ from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
 from pcl_hpc.data.store import read_manifest
 from pcl_hpc.errors import UserError
 from pcl_hpc.engine.checkpoint import Checkpointer, rng_state
-from pcl_hpc.engine.launch import init_distributed
 from pcl_hpc.engine.loop import Preempted, StepGuard, resumable_batches
 from pcl_hpc.engine.strategy import build_strategy
-from pcl_hpc.evaluate import evaluate_volumes
+from pcl_hpc.evaluate import evaluate_volumes, load_labeled, score_volumes
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.tracking import Tracker, encoder_lineage, load_encoder_state, resolve_tracking_uri
 from pcl_hpc.train.common import log_step, resume_or_start, run_outcome, save_atomic, seed_everything
@@ -58,7 +57,7 @@ def freeze_encoder(model, frozen: bool) -> None:
 def finetune(cfg: Config) -> dict:
     f = cfg.finetune
     check_splits(f)
-    env = init_distributed(cfg)
+    env = dist.detect()  # one process: no group to join
     if env.distributed:
         raise UserError("finetune runs in one process per job for now: start it without torchrun / with one task")
     dist.set_threads(env, cfg.engine.threads)
@@ -84,6 +83,7 @@ def finetune(cfg: Config) -> dict:
     meta, _ = resume_or_start(ckpt, cfg, augment_rng)
     step, best = meta.get("step", 0), meta.get("best_val_dice", -1.0)
     val_volumes = f.val_volumes or f.train_volumes  # without a validation split, select on training volumes
+    val_data = load_labeled(cfg.data.store, val_volumes)  # read once, scored every epoch
 
     tracker = Tracker(cfg, enabled=env.is_main)
     init = "random" if not f.encoder else f.encoder
@@ -109,7 +109,7 @@ def finetune(cfg: Config) -> dict:
             strategy.step() if guard.end_step(step + 1) else strategy.skip()
             step += 1
             if step % per_epoch == 0:  # end of an epoch: select on the validation volumes, save
-                val = evaluate_volumes(strategy.module, cfg.data.store, val_volumes, f.num_classes, env.device)["mean"]
+                val = score_volumes(strategy.module, val_data, f.num_classes, env.device)["mean"]
                 strategy.module.train()
                 if val > best:
                     best = val

@@ -20,7 +20,6 @@ from pcl_hpc.data.augment import augment_views
 from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
 from pcl_hpc.data.store import read_manifest, volume_ids
 from pcl_hpc.engine.checkpoint import Checkpointer, rng_state
-from pcl_hpc.engine.launch import init_distributed
 from pcl_hpc.engine.loop import Preempted, StepGuard, resumable_batches
 from pcl_hpc.engine.strategy import build_strategy
 from pcl_hpc.errors import UserError
@@ -72,7 +71,7 @@ def with_sync_batchnorm(model: torch.nn.Module, enabled: bool, env) -> torch.nn.
 
 def pretrain(cfg: Config) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # plain-text job logs
-    env = init_distributed(cfg)
+    env = dist.init(cfg.engine.backend, cfg.engine.timeout_s)
     dist.set_threads(env, cfg.engine.threads)
     out, p, accum = Path(cfg.output_dir), cfg.pretrain, cfg.engine.grad_accum
     manifest = read_manifest(cfg.data.store)
@@ -100,7 +99,7 @@ def pretrain(cfg: Config) -> Path:
 
     tracker = Tracker(cfg, enabled=env.is_main)
     tracker.start(cfg.tracking.run_name or f"pretrain-{cfg.loss.method}", flatten(cfg), run_id=meta.get("run_id"), tags={
-        "stage": "pretrain", "method": cfg.loss.method, "strategy": strategy.name, "world_size": env.world_size,
+        "stage": "pretrain", "method": cfg.loss.method, "strategy": strategy.name,
         "precision": str(strategy.dtype).replace("torch.", ""), "store_hash": manifest.get("content_hash", "")})
     if env.is_main:
         save_config(cfg, out / "config.yaml")
