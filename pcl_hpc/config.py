@@ -33,6 +33,7 @@ class DataConfig:
     gcl_partitions: int = 4  # GCL: each volume is split into this many equal partitions along z
     folds: int = 5  # patient-level folds written to the manifest
     num_workers: int = 0  # DataLoader workers per rank
+    augment_on: str = "auto"  # auto (workers when training on CPU with workers, else device) | workers | device
     slice_axis: str = "axial"  # axial | coronal | sagittal: the anatomical axis slices are taken along
     intensity: str = "auto"  # auto (ct: percentile, mri: zscore) | percentile (clip, scale to [0, 1]) | zscore | window
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # intensity=window (CT): [low, high] HU
@@ -40,6 +41,7 @@ class DataConfig:
     compressor: str = "zstd"  # Blosc codec of the store (bitshuffle): zstd | lz4
     fold_seed: int = 0  # seed of the patient-level fold assignment in the manifest
     id_scheme: str = "source"  # volume ids: source (file/folder names) | hashed (pseudonymous; see preprocess.py)
+    channel: int = 0  # generic layout, multi-channel cases (MSD 4D image + 3D label, nnU-Net _000k files): channel used, 0-based
 
 
 @dataclass

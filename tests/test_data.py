@@ -15,12 +15,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 import zarr
-from torch.utils.data import DataLoader
 
 from pcl_hpc.config import DataConfig
 from pcl_hpc.data import store as zstore
-from pcl_hpc.data.augment import augment_pair, augment_views
-from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset, center_fit
+from pcl_hpc.data.augment import BatchAugment, augment_pair, augment_views
+from pcl_hpc.data.dataset import (BatchRequest, KeyedBatchSampler, ResumableDistributedSampler, SliceDataset,
+                                  center_fit, slice_loader)
 from pcl_hpc.data.preprocess import PreprocessSummary, preprocess
 from pcl_hpc.errors import UserError
 
@@ -292,7 +292,7 @@ def test_slice_dataset_items(built):
     item = ds[10]
     assert set(item) == {"image", "position", "partition", "volume", "slice", "label"}
     assert item["image"].shape == (1, 16, 16) and item["image"].dtype == torch.float32
-    assert item["label"].shape == (16, 16) and item["label"].dtype == torch.int64
+    assert item["label"].shape == (16, 16) and item["label"].dtype == torch.uint8
     assert item["volume"].item() == 1 and item["slice"].item() == 2
     assert item["position"].dtype == torch.float32 and item["position"].item() == pytest.approx(3 / 8)
     assert item["partition"].dtype == torch.int64 and item["partition"].item() == 0
@@ -354,16 +354,30 @@ def test_slice_dataset_fast_chunk_reads_match_zarr(tmp_path):
 
 
 def test_dataloader_with_two_workers(built):
+    """Batched reads in 2 worker processes give exactly the per-slice items, each slice once."""
     cfg, _ = built
-    ds = SliceDataset(cfg.store, patch=16)
+    ds = SliceDataset(cfg.store, patch=16, with_labels=False)
     assert len(ds) == 24
     ds[0]  # open handles in the parent first: workers must still open their own
-    loader = DataLoader(ds, batch_size=5, num_workers=2, shuffle=False)
-    seen = []
+    sampler = ResumableDistributedSampler(len(ds), shuffle=False, drop_last=False)
+    loader = slice_loader(ds, batch_size=5, sampler=sampler, num_workers=2, drop_last=False)
+    seen, index = [], 0
     for batch in loader:
-        assert batch["image"].shape[1:] == (1, 16, 16)
+        assert batch["image"].shape[1:] == (1, 16, 16) and batch["image"].dtype == torch.float32
+        for i in range(batch["image"].shape[0]):
+            item = ds[index]
+            for key in item:
+                assert torch.equal(batch[key][i], item[key]), key
+            index += 1
         seen += list(zip(batch["volume"].tolist(), batch["slice"].tolist()))
     assert sorted(seen) == [(v, z) for v in range(3) for z in range(8)]
+
+    labeled = SliceDataset(cfg.store, patch=16, with_labels=True)
+    loader = slice_loader(labeled, batch_size=4, sampler=ResumableDistributedSampler(len(labeled), shuffle=False),
+                          num_workers=1, drop_last=True)
+    batch = next(iter(loader))
+    assert batch["label"].dtype == torch.uint8 and batch["label"].shape == (4, 16, 16)
+    assert torch.equal(batch["label"][3], labeled[3]["label"])
 
 
 def test_sampler_disjoint_deterministic_resumable():
@@ -467,3 +481,68 @@ def test_augment_grid_affine_part_is_exact():
         assert torch.allclose(g[i], want, atol=1e-5)
         s = torch.linalg.det(theta).abs().sqrt()  # 1 / scale
         assert 1 / 1.3 - 1e-4 <= s <= 1 / 0.7 + 1e-4
+
+
+def test_grids_do_not_depend_on_chunking():
+    """CPU builds grids a few transforms at a time, a GPU all at once: the same draws must give the
+    same grids, so a seed means the same augmentation on any device."""
+    from pcl_hpc.data import augment as aug
+
+    draws = aug._draw(9, 48, torch.Generator().manual_seed(5), 1.0, aug.ELASTIC_ALPHA, aug.ELASTIC_SIGMA)
+    whole = aug._grid(draws, 0, 9, 48, torch.device("cpu"))
+    parts = torch.cat([aug._grid(draws, lo, hi, 48, torch.device("cpu")) for lo, hi in aug._chunks(9, torch.device("cpu"))])
+    assert aug._chunks(9, torch.device("cpu"))[0] == (0, aug.CPU_CHUNK)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-6)
+
+
+def test_keyed_batches_resume_their_numbering():
+    sampler = ResumableDistributedSampler(20, seed=1)
+    batches = KeyedBatchSampler(sampler, batch_size=4, drop_last=True)
+    sampler.set_epoch(3)
+    full = list(batches)
+    assert [b.number for b in full] == [0, 1, 2, 3, 4] and {b.epoch for b in full} == {3}
+    sampler.set_epoch(3, start=8)  # resumed after two batches
+    assert [(b.number, b.indices) for b in batches] == [(b.number, b.indices) for b in full[2:]]
+    assert len(batches) == 3
+
+
+@pytest.mark.parametrize("labeled", [False, True])
+def test_worker_augmentation_equals_trainer_augmentation(built, labeled):
+    """Augmenting in 2 loader workers gives exactly what the trainer gets augmenting the plain
+    batch itself: transforms are a function of (seed, rank, epoch, batch number) only."""
+    cfg, _ = built
+    augment = BatchAugment(seed=7, rank=1, views=0 if labeled else 2)
+    sampler = ResumableDistributedSampler(24 if not labeled else 16, seed=0)
+    plain = SliceDataset(cfg.store, patch=16, with_labels=labeled)
+    in_workers = SliceDataset(cfg.store, patch=16, with_labels=labeled, transform=augment)
+    sampler.set_epoch(2)
+    expected = [augment(batch) for batch in slice_loader(plain, 4, sampler, num_workers=0, drop_last=True)]
+    got = list(slice_loader(in_workers, 4, sampler, num_workers=2, drop_last=True))
+    assert len(got) == len(expected) == len(plain) // 4
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys() and torch.equal(a["key"], b["key"])
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    key = "image" if labeled else "views"
+    assert got[0][key].shape == ((4, 1, 16, 16) if labeled else (4, 2, 1, 16, 16))
+    if labeled:
+        assert got[0]["label"].dtype == torch.uint8
+        assert set(torch.cat([g["label"] for g in got]).unique().tolist()) <= {0, 1, 2}
+    # another batch number or epoch: other transforms
+    batch = plain.__getitems__(BatchRequest(got[0]["slice"].tolist(), 2, 0))
+    other = plain.__getitems__(BatchRequest(batch["slice"].tolist(), 2, 1))
+    assert not torch.equal(augment(batch)[key], augment(other)[key])
+
+
+def test_augment_on_choice():
+    from pcl_hpc.config import DataConfig
+    from pcl_hpc.train.common import augment_in_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert augment_in_workers(DataConfig(num_workers=2), cpu)
+    assert not augment_in_workers(DataConfig(num_workers=0), cpu)
+    assert not augment_in_workers(DataConfig(num_workers=2), gpu)  # device only: no GPU needed to decide
+    assert augment_in_workers(DataConfig(num_workers=2, augment_on="workers"), gpu)
+    assert not augment_in_workers(DataConfig(num_workers=2, augment_on="device"), cpu)
+    with pytest.raises(UserError, match="data.augment_on"):
+        augment_in_workers(DataConfig(augment_on="gpu"), cpu)

@@ -1,4 +1,4 @@
-"""Layout adapters (ACDC, CHD, MMWHS, HVSMR, generic 4D), slice axis, intensity and labeled splits.
+"""Layout adapters (ACDC, CHD, MMWHS, HVSMR, generic 4D and channels), slice axis, intensity, labeled splits.
 
 Each adapter runs on tiny files written here in that dataset's published layout and naming.
 """
@@ -92,13 +92,20 @@ def test_chd_and_mmwhs_label_conventions(tmp_path):
     _save(mm / "ct_train" / "ct_train_1001_image.nii.gz", _img(3))
     _save(mm / "ct_train" / "ct_train_1001_label.nii.gz", _lab([205, 420, 500, 550, 600, 820, 850][:6]))
     _save(mm / "ct_train" / "ct_train_1002_image.nii.gz", _img(4))
-    _save(mm / "ct_train" / "ct_train_1002_label.nii.gz", _lab([205, 421]))  # 421 is no MMWHS class
+    _save(mm / "ct_train" / "ct_train_1002_label.nii.gz", _lab([205, 421]))  # 421: left-atrium artifact
+    _save(mm / "mr_train" / "mr_train_1003_image.nii.gz", _img(6))
+    _save(mm / "mr_train" / "mr_train_1003_label.nii.gz", _lab([420, 333]))  # 333 is no MMWHS class
     _save(mm / "ct_test" / "ct_test_2001_image.nii.gz", _img(5))  # test scans: unlabeled
     cfg, summary = _run(tmp_path, mm, "mmwhs", modality="ct")
-    assert summary.converted == ["ct_test_2001", "ct_train_1001"]
-    assert len(summary.failed) == 1 and "[421]" in summary.failed[0][1]
+    assert summary.converted == ["ct_test_2001", "ct_train_1001", "ct_train_1002"]
+    assert len(summary.failed) == 1
+    path, reason = summary.failed[0]
+    assert path.endswith("mr_train_1003_label.nii.gz") and "[333]" in reason and "\n" not in reason
     lab = zstore.load_volume(cfg.store, "ct_train_1001")[1]
     assert lab.dtype == np.uint8 and sorted(np.unique(lab).tolist()) == [0, 1, 2, 3, 4, 5, 6]
+    lab = zstore.load_volume(cfg.store, "ct_train_1002")[1]
+    assert sorted(np.unique(lab).tolist()) == [0, 1, 2]
+    assert (lab == 2).sum() == (lab[:, :, 11 - 3] == 2).sum() == 6 * 2  # raw x=3 (421; LPS flips x) -> class 2
     assert zstore.volume_ids(cfg.store, labeled=False) == ["ct_test_2001"]
 
 
@@ -124,6 +131,71 @@ def test_generic_4d_image_is_split_into_frames(tmp_path):
     cfg, summary = _run(tmp_path, raw, "generic")
     assert summary.ok and summary.converted == ["cine_frame01", "cine_frame02", "cine_frame03", "still"]
     assert {v["patient"] for v in zstore.read_manifest(cfg.store)["volumes"]} == {"cine", "still"}
+
+
+def _channels(n, shape=(12, 10, 4)):
+    """An MSD multi-modal image: channel c is the same noise plus 1000 * c (tells which was taken)."""
+    return np.stack([_img(0, shape) + 1000.0 * c for c in range(n)], axis=-1)
+
+
+@pytest.mark.parametrize("channel", [0, 2])
+def test_generic_msd_4d_image_with_3d_label_takes_one_channel(tmp_path, channel):
+    raw = tmp_path / "Task01_BrainTumour"
+    _save(raw / "imagesTr" / "BRATS_001.nii.gz", _channels(3))
+    _save(raw / "labelsTr" / "BRATS_001.nii.gz", _lab([1, 2, 3]).astype(np.uint8))
+    _save(raw / "imagesTr" / "BRATS_002.nii.gz", _channels(2))  # no channel 2
+    _save(raw / "labelsTr" / "BRATS_002.nii.gz", _lab([1]).astype(np.uint8))
+    cine = np.stack([_img(t) for t in range(2)], axis=-1)
+    _save(raw / "imagesTr" / "cine.nii.gz", cine)  # 4D image + 4D label: still time frames
+    _save(raw / "labelsTr" / "cine.nii.gz", np.stack([_lab([1]), _lab([2])], axis=-1).astype(np.uint8))
+    cfg, summary = _run(tmp_path, raw, "generic", modality="ct", intensity="window", hu_window=[-5000, 5000],
+                        channel=channel)
+    got, label, attrs = zstore.load_volume(cfg.store, "BRATS_001")
+    expected = (np.clip(_channels(3)[..., channel], -5000, 5000) + 5000) / 10000  # window: linear in the input
+    np.testing.assert_allclose(got, expected[::-1, ::-1, :].transpose(2, 1, 0), atol=1e-5)
+    assert sorted(np.unique(label).tolist()) == [0, 1, 2, 3]
+    assert attrs["channel"] == channel and attrs["frame"] is None
+    assert zstore.read_manifest(cfg.store)["settings"]["channel"] == channel
+    frames = zstore.load_volume(cfg.store, "cine_frame02")
+    assert frames[1].max() == 2 and frames[2]["frame"] == 2 and frames[2]["channel"] is None
+    if channel == 0:
+        assert summary.ok and summary.converted == ["BRATS_001", "BRATS_002", "cine_frame01", "cine_frame02"]
+    else:  # out of range for the 2-channel case only: one clear line, the rest converts
+        assert summary.converted == ["BRATS_001", "cine_frame01", "cine_frame02"]
+        assert len(summary.failed) == 1
+        path, reason = summary.failed[0]
+        assert path.endswith("imagesTr/BRATS_002.nii.gz") and "has 2 channels" in reason
+        assert "data.channel to 0..1" in reason and "\n" not in reason
+    # Re-run with the other channel: only the multi-channel case is converted again.
+    other = _run(tmp_path, raw, "generic", modality="ct", intensity="window", hu_window=[-5000, 5000],
+                 channel=1)[1]
+    assert other.ok and other.converted == ["BRATS_001", "BRATS_002"]
+    assert other.skipped == ["cine_frame01", "cine_frame02"]
+
+
+def test_generic_nnunet_channel_files(tmp_path):
+    raw = tmp_path / "Dataset005_Prostate"
+    for case, seed in (("prostate_00", 1), ("prostate_01", 2)):
+        _save(raw / "imagesTr" / f"{case}_0000.nii.gz", _img(seed))
+        _save(raw / "imagesTr" / f"{case}_0001.nii.gz", _img(seed) + 1000.0)
+        _save(raw / "labelsTr" / f"{case}.nii.gz", _lab([1, 2]).astype(np.uint8))
+    _save(raw / "imagesTs" / "prostate_10_0000.nii.gz", _img(3))
+    _save(raw / "imagesTs" / "prostate_10_0001.nii.gz", _img(3) + 1000.0)
+    (raw / "imagesTr" / "prostate_01_0001.nii.gz").unlink()
+    _save(raw / "imagesTr" / "prostate_01_0002.nii.gz", _img(2))  # no _0001: that case cannot give channel 1
+    kw = {"modality": "ct", "intensity": "window", "hu_window": [-5000, 5000]}
+    cfg, summary = _run(tmp_path, raw, "generic", channel=1, **kw)
+    assert summary.converted == ["prostate_00", "prostate_10"]
+    assert len(summary.failed) == 1
+    path, reason = summary.failed[0]
+    assert path.endswith("prostate_01_0000.nii.gz") and "2 channel files" in reason and "data.channel=1" in reason
+    got, label, attrs = zstore.load_volume(cfg.store, "prostate_00")
+    expected = (np.clip(_img(1) + 1000.0, -5000, 5000) + 5000) / 10000  # the _0001 file
+    np.testing.assert_allclose(got, expected[::-1, ::-1, :].transpose(2, 1, 0), atol=1e-5)
+    assert label is not None and attrs["channel"] == 1
+    assert zstore.load_volume(cfg.store, "prostate_10")[2]["channel"] == 1  # unlabeled cases too
+    with pytest.raises(UserError, match="data.channel"):
+        _run(tmp_path, raw, "generic", channel=-1, **kw)
 
 
 @pytest.mark.parametrize("axis,shape", [("axial", (4, 10, 12)), ("coronal", (10, 4, 12)), ("sagittal", (12, 4, 10))])

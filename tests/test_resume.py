@@ -1,7 +1,7 @@
 """Exact resume: 2N steps straight == N steps + interruption + resume for N more, bit for bit.
 
-2 real processes (torchrun, gloo), augmentation on (its per-rank generator is checkpointed too),
-bf16 autocast where this CPU has it. DDP: a rank dies hard after step N and torchrun --max-restarts
+2 real processes (torchrun, gloo), augmentation on (seeded per batch: in the DDP case a loader
+worker of each rank augments, in the DeepSpeed case the trainer does), bf16 autocast where this CPU has it. DDP: a rank dies hard after step N and torchrun --max-restarts
 restarts the group from the checkpoint. DeepSpeed (ZeRO 1): SIGUSR1 on one rank, every rank saves at
 the next step boundary, the job exits with the requeue status, and starting it again finishes it.
 """
@@ -61,7 +61,7 @@ def logged_steps(out):
 
 
 def test_ddp_kill_and_torchrun_restart_is_exact(demo_store, tmp_path, mlflow_db):
-    extra = ["engine.grad_accum=2", "engine.grad_clip=1.0"]
+    extra = ["engine.grad_accum=2", "engine.grad_clip=1.0", "data.num_workers=1"]
     straight = pretrain(demo_store, tmp_path / "a", mlflow_db, "ddp", extra)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     crashed = pretrain(demo_store, tmp_path / "b", mlflow_db, "ddp", extra, max_restarts=1,

@@ -4,8 +4,10 @@ In one run, on synthetic volumes written to a temporary folder:
 - preprocess_mb_s_per_worker: source voxel MB converted per second with --workers 1
 - zarr_slice_reads_s_per_worker: random single-slice reads (SliceDataset, one process)
 - compressors: per Blosc codec (bitshuffle) the compression ratio, write MB/s and slice reads/s
-- loader_views_s_<P>: augmented views/s from DataLoader(SliceDataset, 2 workers) + batched
-  augment_views (2 views) at patch P = 256 and 352
+- loader_views_s_<P>: augmented views/s (2 per slice) at patch P = 256 and 352 from the loader as
+  CPU training runs it: slice_loader with 2 workers, each reading and augmenting whole batches
+- loader_views_s_<P>_augment_in_main: the same loader reading only, this process augmenting
+  (data.augment_on=device, with the CPU as the device)
 - baseline_views_s_<P>: the original PCL code's way: one .npy per slice, per-sample CPU
   augmentation (mirror; with p=0.67 elastic alpha 100-350 / sigma 14-17, rotation 0-2pi,
   scale 0.7-1.3, order-3 spline interpolation as batchgenerators' SpatialTransform), 2 workers
@@ -109,13 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pcl_hpc.config import DataConfig
     from pcl_hpc.data import store as zstore
-    from pcl_hpc.data.augment import augment_views
-    from pcl_hpc.data.dataset import SliceDataset, center_fit
+    from pcl_hpc.data.augment import BatchAugment, augment_views
+    from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset, center_fit, slice_loader
     from pcl_hpc.data.preprocess import preprocess
 
-    # One torch thread (OMP_NUM_THREADS=1 unless set): the main process does the batched
-    # augmentation (the accelerator's job in training) while 2 loader workers read; with 2 threads
-    # on a 2-core machine they oversubscribe the cores and the figure drops ~2.5x (measured).
+    # One torch thread per process (OMP_NUM_THREADS=1 unless set), as in training: DataLoader
+    # workers always run one thread, and on a 2-core machine 2 workers already fill the cores.
     result: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -164,13 +165,21 @@ def main(argv: list[str] | None = None) -> int:
 
         gen = torch.Generator().manual_seed(0)
         for patch in (256, 352):
-            loader = DataLoader(SliceDataset(store, vids, patch=patch), batch_size=args.batch, shuffle=True,
-                                num_workers=2, persistent_workers=True, drop_last=True)
+            # As training on a CPU runs it (data.augment_on=auto): each worker reads and augments whole batches.
+            dataset = SliceDataset(store, vids, patch=patch, transform=BatchAugment(seed=0, views=2))
+            loader = slice_loader(dataset, args.batch, ResumableDistributedSampler(len(dataset)), num_workers=2,
+                                  drop_last=True, persistent=True)
+            result[f"loader_views_s_{patch}"] = round(_loop(loader, args.seconds, lambda b: b["views"].shape[0] * 2), 1)
+            del loader
+            # data.augment_on=device with the device a CPU: workers read, this process augments.
+            dataset = SliceDataset(store, vids, patch=patch)
+            loader = slice_loader(dataset, args.batch, ResumableDistributedSampler(len(dataset)), num_workers=2,
+                                  drop_last=True, persistent=True)
 
-            def ours(batch):
+            def in_main(batch):
                 return augment_views(batch["image"], views=2, generator=gen).shape[0] * 2
 
-            result[f"loader_views_s_{patch}"] = round(_loop(loader, args.seconds, ours), 1)
+            result[f"loader_views_s_{patch}_augment_in_main"] = round(_loop(loader, args.seconds, in_main), 1)
             del loader
             cropped = []
             for f in files:  # the original stored slices already at training size

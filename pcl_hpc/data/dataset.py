@@ -3,34 +3,106 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from pcl_hpc.data.store import read_manifest
 from pcl_hpc.errors import UserError
 
 
+def _window(n: int, patch: int) -> tuple[slice, slice]:
+    """Source and destination windows along one axis: centre-crop when too big, pad when too small."""
+    if n >= patch:
+        start = (n - patch) // 2
+        return slice(start, start + patch), slice(0, patch)
+    start = (patch - n) // 2
+    return slice(0, n), slice(start, start + n)
+
+
+def fit_into(out: np.ndarray, array: np.ndarray) -> None:
+    """Write ``array`` centre-cropped / zero-padded into ``out`` (last two axes), in place."""
+    (sy, dy), (sx, dx) = _window(array.shape[-2], out.shape[-2]), _window(array.shape[-1], out.shape[-1])
+    if array.shape[-2] < out.shape[-2] or array.shape[-1] < out.shape[-1]:
+        out[...] = 0  # padding: only the window gets image data
+    out[..., dy, dx] = array[..., sy, sx]
+
+
 def center_fit(array: np.ndarray, patch: int) -> np.ndarray:
     """Centre-crop and/or zero-pad the last two axes to ``patch x patch``."""
-    h, w = array.shape[-2:]
-    out = np.zeros(array.shape[:-2] + (patch, patch), dtype=array.dtype)
-    # Source and destination windows along one axis: crop when too big, pad when too small.
-    def window(n: int) -> tuple[slice, slice]:
-        if n >= patch:
-            start = (n - patch) // 2
-            return slice(start, start + patch), slice(0, patch)
-        start = (patch - n) // 2
-        return slice(0, n), slice(start, start + n)
-
-    (sy, dy), (sx, dx) = window(h), window(w)
-    out[..., dy, dx] = array[..., sy, sx]
+    out = np.empty(array.shape[:-2] + (patch, patch), dtype=array.dtype)
+    fit_into(out, array)
     return out
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker it lives in shared memory from the
+    start (as torch's own collate does), so handing the batch to the trainer copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def collate_slices(batch: Any) -> Any:
+    """``collate_fn`` for ``SliceDataset``: its ``__getitems__`` already returns the whole batch."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One batch's slice indices and where it sits in the run: ``epoch`` and its ``number`` in
+    that epoch on this rank (what seeds its augmentation, see ``augment.batch_generator``)."""
+
+    indices: list[int]
+    epoch: int
+    number: int
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class KeyedBatchSampler(Sampler[BatchRequest]):
+    """Groups a ``ResumableDistributedSampler`` into ``BatchRequest``s; after a mid-epoch resume
+    (``set_epoch(epoch, start)``) the numbering goes on from ``start // batch_size``."""
+
+    def __init__(self, sampler: "ResumableDistributedSampler", batch_size: int, drop_last: bool):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.sampler, self.batch_size, self.drop_last = sampler, int(batch_size), drop_last
+
+    def __iter__(self) -> Iterator[BatchRequest]:
+        number, batch = self.sampler.start // self.batch_size, []
+        for index in self.sampler:
+            batch.append(int(index))
+            if len(batch) == self.batch_size:
+                yield BatchRequest(batch, self.sampler.epoch, number)
+                number, batch = number + 1, []
+        if batch and not self.drop_last:
+            yield BatchRequest(batch, self.sampler.epoch, number)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def slice_loader(dataset: "SliceDataset", batch_size: int, sampler: "ResumableDistributedSampler",
+                 num_workers: int, drop_last: bool, persistent: bool = False) -> DataLoader:
+    """The DataLoader every stage uses: one ``__getitems__`` call per batch (reading, and the
+    dataset's ``transform`` when it has one), pinned memory when a GPU takes the batches."""
+    return DataLoader(dataset, batch_sampler=KeyedBatchSampler(sampler, batch_size, drop_last),
+                      num_workers=num_workers, persistent_workers=persistent and num_workers > 0,
+                      collate_fn=collate_slices, pin_memory=torch.cuda.is_available())
 
 
 _DTYPES = {"float32": "<f4", "uint8": "u1"}
@@ -97,6 +169,7 @@ class SliceDataset(Dataset):
         volume_ids: list[str] | None = None,
         patch: int = 64,
         with_labels: bool = False,
+        transform: Callable[..., dict] | None = None,
     ):
         manifest = read_manifest(store)
         entries = {v["id"]: v for v in manifest["volumes"]}
@@ -121,6 +194,7 @@ class SliceDataset(Dataset):
         self.volume_ids = volume_ids
         self.patch = int(patch)
         self.with_labels = with_labels
+        self.transform = transform  # run on each keyed batch, in the loader worker (e.g. BatchAugment)
         depths = np.array([entries[v]["shape"][0] for v in volume_ids], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(depths)])  # slice i is in volume searchsorted(i)
         self._handles: dict[int, tuple[Callable[[int], np.ndarray], Any, list[float], list[int]]] = {}
@@ -150,22 +224,47 @@ class SliceDataset(Dataset):
             self._handles[v] = (image, label, list(attrs["positions"]), list(attrs["partitions"]))
         return self._handles[v]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"slice index {index} out of range for {len(self)} slices")
         v = int(np.searchsorted(self._starts, index, side="right") - 1)
-        z = int(index - self._starts[v])
-        image, label, positions, partitions = self._volume(v)
-        item = {
-            "image": torch.from_numpy(center_fit(np.asarray(image(z), dtype=np.float32), self.patch)[None]),
-            "position": torch.tensor(positions[z], dtype=torch.float32),
-            "partition": torch.tensor(partitions[z], dtype=torch.int64),
-            "volume": torch.tensor(v, dtype=torch.int64),
-            "slice": torch.tensor(z, dtype=torch.int64),
+        return v, int(index - self._starts[v])
+
+    def __getitems__(self, request: "BatchRequest | list[int]") -> dict[str, torch.Tensor]:
+        """A whole batch in one call (DataLoader passes the batch sampler's request): each key is
+        one array filled in place, with no per-slice tensors and no collate copy; labels travel as
+        uint8 (8x less than int64 through the worker's shared memory). A ``BatchRequest`` adds
+        ``key`` = (epoch, number) and runs ``transform``."""
+        indices = list(request)
+        n, p = len(indices), self.patch
+        image = _batch_tensor((n, 1, p, p), torch.float32)
+        label = _batch_tensor((n, p, p), torch.uint8) if self.with_labels else None
+        meta = np.empty((4, n), dtype=np.float64)  # position, partition, volume, slice
+        image_np, label_np = image.numpy(), (label.numpy() if label is not None else None)
+        for i, index in enumerate(indices):
+            v, z = self._locate(int(index))
+            read_image, read_label, positions, partitions = self._volume(v)
+            fit_into(image_np[i, 0], read_image(z))
+            if label_np is not None:
+                fit_into(label_np[i], read_label(z))
+            meta[:, i] = positions[z], partitions[z], v, z
+        batch = {
+            "image": image,
+            "position": torch.from_numpy(meta[0].astype(np.float32)),
+            "partition": torch.from_numpy(meta[1].astype(np.int64)),
+            "volume": torch.from_numpy(meta[2].astype(np.int64)),
+            "slice": torch.from_numpy(meta[3].astype(np.int64)),
         }
-        if self.with_labels:
-            item["label"] = torch.from_numpy(center_fit(np.asarray(label(z)), self.patch).astype(np.int64))
-        return item
+        if label is not None:
+            batch["label"] = label
+        if isinstance(request, BatchRequest):
+            batch["key"] = torch.tensor([request.epoch, request.number], dtype=torch.int64)
+            if self.transform is not None:
+                batch = self.transform(batch, empty=_batch_tensor)
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
 
 
 class ResumableDistributedSampler(Sampler[int]):

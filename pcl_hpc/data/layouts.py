@@ -3,18 +3,24 @@
 A job is one source (a file or a DICOM series folder) with its optional label; it yields one
 volume, or one per time frame of a 4D source. Adapters only look at names and, for 4D sources,
 at headers; they never read pixels. Problems found here (a label without an image, duplicate
-case ids, an id that cannot be a store key) are returned as ``(path, reason)`` lines.
+case ids, an id that cannot be a store key, a missing channel) are returned as ``(path, reason)``
+lines.
 
 =========  ==============================================================================
 generic    MSD / nnU-Net: imagesTr/<case>[_0000].ext + labelsTr/<case>.ext, imagesTs/ unlabeled;
            class names from dataset.json when present. A case may also be a DICOM series
-           folder (imagesTr/<case>/). 4D images are split into <case>_frameNN (1-based).
+           folder (imagesTr/<case>/). Multi-channel cases give ONE volume <case> from channel
+           data.channel (0-based; the U-Net takes one input channel): nnU-Net's <case>_0000,
+           _0001, ... files, or an MSD 4D image with a 3D label (the 4th axis holds modalities,
+           e.g. Task01 BrainTumour). Other 4D images (with a 4D label, or unlabeled) are split
+           into time frames <case>_frameNN (1-based).
 images     a plain folder of images or DICOM series folders, no labels (pretraining only)
 acdc       patientXXX/ with Info.cfg (ED, ES), patientXXX_frameNN[_gt].nii.gz (labeled ED/ES)
            and patientXXX_4d.nii.gz: every other cine frame becomes an unlabeled volume
 chd        ct_XXXX_image.nii.gz + ct_XXXX_label.nii.gz; label values > 7 become 0
 mmwhs      ct_train_XXXX_image / _label (also mr_, ct_test_ unlabeled); labels
-           205/420/500/550/600/820/850 -> 1..7, any other non-zero value is an error
+           205/420/500/550/600/820/850 -> 1..7 (and 421 -> 2, see LABEL_MAPS), any other
+           non-zero value is an error
 hvsmr      HVSMR 2016: <name>_patN.nii.gz, label <name>_patN-label.nii.gz (anywhere below raw_dir,
            e.g. Ground_truth/); 0 background, 1 myocardium, 2 blood pool
 =========  ==============================================================================
@@ -45,7 +51,9 @@ CLASS_NAMES = {
 }
 # Raw label value -> class id, applied before any check; values not listed must already be valid ids.
 LABEL_MAPS = {
-    "mmwhs": {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7},
+    # 421 is an annotation artifact in some MMWHS CT/MR label files: left-atrium voxels saved one
+    # off from 420, so they are the left atrium too (rejecting them would drop those cases).
+    "mmwhs": {205: 1, 420: 2, 421: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7},
 }
 # Values above this become background (the dataset's published convention).
 LABEL_ABOVE_TO_ZERO = {"chd": 7}
@@ -56,8 +64,10 @@ class Job:
     image: str  # a file, or a folder holding one DICOM series
     label: str | None = None
     expect_label: bool = False  # a missing label is an error
-    outputs: list[tuple[str, int | None]] = field(default_factory=list)  # (volume id, 4D frame or None)
+    outputs: list[tuple[str, int | None]] = field(default_factory=list)  # (volume id, 4th-axis index or None)
     label_frames: bool = False  # the label is 4D too: frame t of the label goes with frame t of the image
+    channels_axis: bool = False  # the 4th axis holds channels (MSD), not frames: an output's index is a channel
+    channel: int | None = None  # the channel taken from a multi-channel case (4th axis or _000k file), else None
 
     @property
     def vids(self) -> list[str]:
@@ -123,24 +133,62 @@ def _frames(job: Job, case: str) -> Job:
     return job
 
 
-def _generic(raw: Path, problems: list) -> list[Job]:
-    jobs = []
+def _channels(job: Job, case: str, channel: int, problems: list) -> Job | None:
+    """An MSD 4D image with a 3D label holds channels (modalities), not frames: take ``channel``."""
+    n = frame_count(job.image)
+    if n == 1 or job.label is None or frame_count(job.label) != 1:
+        return _frames(job, case)
+    if channel >= n:
+        problems.append((job.image, (f"image has {n} channels in its 4th axis (its label is 3D), no channel "
+                                     f"{channel}; set data.channel to 0..{n - 1}")))
+        return None
+    job.outputs, job.channels_axis, job.channel = [(case, channel)], True, channel
+    return job
+
+
+def _generic(raw: Path, problems: list, channel: int = 0) -> list[Job]:
+    """nnU-Net channel files ``<case>_0000, _0001, ...`` are one case (a lone ``_0000`` too); a
+    ``_NNNN`` suffix without a ``_0000`` sibling is part of the name (``scan_0012``)."""
+    jobs, no_channel = [], set()
     for sub in ("imagesTr", "imagesTs"):
         files = _sources(raw / sub)
         stems = {stem for stem, _ in files}
+        labeled = sub == "imagesTr"
+        cases: dict[str, list[tuple[int, Path]]] = {}  # case -> (channel, or -1 for no suffix; file)
         for stem, path in files:
             m = re.match(r"^(.*)_(\d{4})$", stem)  # nnU-Net channel suffix
-            if m and m.group(2) != "0000" and f"{m.group(1)}_0000" in stems:
-                continue  # PCL uses one channel: only channel 0000 of multi-channel cases
-            case = m.group(1) if m and m.group(2) == "0000" else stem
-            jobs.append((case, Job(str(path), expect_label=(sub == "imagesTr"))))
-    labels = dict(_sources(raw / "labelsTr"))
+            if m and f"{m.group(1)}_0000" in stems:
+                cases.setdefault(m.group(1), []).append((int(m.group(2)), path))
+            else:
+                cases.setdefault(stem, []).append((-1, path))
+        for case, members in cases.items():
+            if len(members) == 1 or any(k < 0 for k, _ in members):
+                # one file per case (a plain <name> beside <name>_0000 is a duplicate id for discover())
+                jobs += [(case, Job(str(path), expect_label=labeled)) for _, path in members]
+                continue
+            picked = [path for k, path in members if k == channel]  # several channel files: take one
+            if picked:
+                jobs.append((case, Job(str(picked[0]), expect_label=labeled, channel=channel)))
+            else:
+                (lo, first), hi = min(members), max(members)[0]
+                problems.append((str(first), (f"case {case!r} has {len(members)} channel files "
+                                              f"(_{lo:04d}.._{hi:04d}), none for data.channel={channel}; "
+                                              f"set data.channel to one of them or add {case}_{channel:04d}")))
+                if labeled:
+                    no_channel.add(case)  # its label is not "without an image"
+    labels = {stem: path for stem, path in _sources(raw / "labelsTr") if stem not in no_channel}
     for case, job in jobs:
         if job.expect_label and case in labels:
             job.label = str(labels.pop(case))
     for stem, path in labels.items():
         problems.append((str(path), f"label without an image; add imagesTr/{stem}.nii.gz (or _0000) or remove the label"))
-    return [_frames(job, case) for case, job in jobs]
+    out = []
+    for case, job in jobs:
+        if job.channel is not None:  # the picked _000k file is one channel: 4D means time frames
+            out.append(_frames(job, case))
+        elif (done := _channels(job, case, channel, problems)) is not None:
+            out.append(done)
+    return out
 
 
 def _images(raw: Path, problems: list) -> list[Job]:
@@ -243,10 +291,12 @@ def _hvsmr(raw: Path, problems: list) -> list[Job]:
 ADAPTERS = {"generic": _generic, "images": _images, "acdc": _acdc, "chd": _chd, "mmwhs": _mmwhs, "hvsmr": _hvsmr}
 
 
-def discover(raw: Path, layout: str) -> tuple[list[Job], list[tuple[str, str]]]:
-    """Jobs for every source in ``raw`` under ``layout``, and the problems found on the way."""
+def discover(raw: Path, layout: str, channel: int = 0) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Jobs for every source in ``raw`` under ``layout``, and the problems found on the way.
+
+    ``channel`` (``data.channel``) is the one taken from multi-channel cases (generic layout)."""
     problems: list[tuple[str, str]] = []
-    jobs = ADAPTERS[layout](raw, problems)
+    jobs = _generic(raw, problems, channel) if layout == "generic" else ADAPTERS[layout](raw, problems)
     seen: dict[str, str] = {}
     unique = []
     for job in jobs:

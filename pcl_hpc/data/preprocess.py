@@ -1,11 +1,12 @@
 """Raw volumes (NIfTI / NRRD / MetaImage / DICOM series) -> the Zarr store that training reads.
 
 Per source (see ``layouts.py`` for how each layout names them): read with SimpleITK (a DICOM
-series folder through GDCM, without its metadata dictionary), split 4D sources into 3D frames,
-reorient to one canonical orientation whose first array axis is ``data.slice_axis`` (so the same
-physical image stored with permuted or flipped axes gives the same array), optionally resample
-in-plane, normalise intensities, and write ``(Z, H, W)`` arrays plus the slice positions
-``(i + 1) / Z`` (PCL) and partitions ``floor(i * G / Z)`` (GCL).
+series folder through GDCM, without its metadata dictionary), split 4D sources into 3D frames
+(or take channel ``data.channel`` of a multi-channel case), reorient to one canonical orientation
+whose first array axis is ``data.slice_axis`` (so the same physical image stored with permuted
+or flipped axes gives the same array), optionally resample in-plane, normalise intensities, and
+write ``(Z, H, W)`` arrays plus the slice positions ``(i + 1) / Z`` (PCL) and partitions
+``floor(i * G / Z)`` (GCL).
 
 A bad volume never stops the run: it is recorded in ``PreprocessSummary.failed`` with the file
 and what to do, and the other volumes are converted. Re-running skips volumes whose source files
@@ -16,9 +17,9 @@ Volume ids (``data.id_scheme``): ``source`` keeps the case names of the files/fo
 ``hashed`` makes them pseudonymous (see ``pseudonym.py``).
 
 This module is the driver (walking the cases, skipping unchanged ones, the worker pool, the
-summary); the work per volume lives in ``readers.py`` (reading, 4D frames), ``geometry.py``
-(orientation, resampling), ``intensity.py`` (normalisation), ``volume.py`` (checks, arrays) and
-``pseudonym.py`` (hashed ids).
+summary); the work per volume lives in ``readers.py`` (reading, 4D frames and channels),
+``geometry.py`` (orientation, resampling), ``intensity.py`` (normalisation), ``volume.py``
+(checks, arrays) and ``pseudonym.py`` (hashed ids).
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ from pcl_hpc.data.pseudonym import (  # noqa: F401  (id_key_path, id_map_path, h
     key_check,
     load_id_key,
 )
-from pcl_hpc.data.readers import file_sha256, read_image, select_frame, source_sha256  # noqa: F401
+from pcl_hpc.data.readers import (  # noqa: F401  (file_sha256, select_frame: re-exported)
+    file_sha256,
+    read_image,
+    select_channel,
+    select_frame,
+    source_sha256,
+)
 from pcl_hpc.data.volume import VolumeError, volume_arrays
 from pcl_hpc.errors import UserError
 
@@ -108,7 +115,7 @@ def _convert(job: layouts.Job, settings: dict[str, Any], settings_sha: str, stor
         for vid, t in todo:
             old = existing.get(vid)
             if (old is not None and old.get("source_sha256") == src_sha and old.get("label_sha256") == lab_sha
-                    and old.get("settings_sha256") == settings_sha):
+                    and old.get("settings_sha256") == settings_sha and old.get("channel") == job.channel):
                 results.append(("skipped", vid, job.image, "", 0))
             else:
                 pending.append((vid, t))
@@ -121,12 +128,14 @@ def _convert(job: layouts.Job, settings: dict[str, Any], settings_sha: str, stor
         while todo:
             vid, t = todo[0]
             try:
-                img = select_frame(img4, t, job.image, "image")
+                img = (select_channel(img4, t, job.image) if job.channels_axis
+                       else select_frame(img4, t, job.image, "image"))
                 lab = (select_frame(lab4, t if job.label_frames else None, job.label, "label")
                        if lab4 is not None else None)
                 image, label, attrs = volume_arrays(img, lab, settings, job.image, job.label)
                 attrs.update({
-                    "frame": None if t is None else t + 1,
+                    "frame": None if t is None or job.channels_axis else t + 1,
+                    "channel": job.channel,  # of a multi-channel case (data.channel), else None
                     "patient": zstore.patient_id(vid),
                     "source_sha256": src_sha,
                     "label_sha256": lab_sha,
@@ -188,6 +197,8 @@ def _check_config(cfg: DataConfig) -> None:
         raise UserError(f"data.gcl_partitions must be >= 1, got {cfg.gcl_partitions}")
     if int(cfg.folds) < 1:
         raise UserError(f"data.folds must be >= 1, got {cfg.folds}")
+    if isinstance(cfg.channel, bool) or not isinstance(cfg.channel, int) or cfg.channel < 0:
+        raise UserError(f"data.channel must be a channel index >= 0 (0 = the first), got {cfg.channel!r}")
     if cfg.id_scheme not in ID_SCHEMES:
         raise UserError(f"data.id_scheme {cfg.id_scheme!r} is not known; valid: {', '.join(ID_SCHEMES)}")
 
@@ -219,7 +230,7 @@ def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> P
     """Convert ``cfg.raw_dir`` into the Zarr store ``cfg.store``; returns what happened per volume."""
     _check_config(cfg)
     raw = Path(cfg.raw_dir)
-    jobs, problems = layouts.discover(raw, cfg.layout)
+    jobs, problems = layouts.discover(raw, cfg.layout, int(cfg.channel))
     if not jobs and not problems:
         raise UserError(
             f"no images ({', '.join(EXTENSIONS)} or DICOM series folders) found in data.raw_dir {raw} "
@@ -301,8 +312,12 @@ def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> P
     if names is not None:
         names.write_map(store_path)
     ids = {"id_scheme": cfg.id_scheme, "id_key_check": key_check(names.key) if names is not None else None}
+    # data.channel is recorded here, not in the hashed settings: it only changes multi-channel volumes,
+    # which are re-converted through their per-volume "channel" attr. Only the generic layout has it.
+    channel = {"channel": int(cfg.channel)} if cfg.layout == "generic" else {}
     zstore.write_manifest(
-        store_path, {**settings, "folds": int(cfg.folds), "fold_seed": int(cfg.fold_seed), **ids}, class_names
+        store_path, {**settings, "folds": int(cfg.folds), "fold_seed": int(cfg.fold_seed), **ids, **channel},
+        class_names,
     )
     return summary
 

@@ -1,8 +1,9 @@
 """Reading sources with SimpleITK: NIfTI / NRRD / MetaImage files and DICOM series folders.
 
 A DICOM series is read through GDCM without its metadata dictionary. 4D sources are read whole
-and split into 3D frames with ``select_frame``. ``source_sha256`` fingerprints a source so that
-unchanged volumes are skipped on a re-run.
+and split into 3D frames with ``select_frame``, or, where the 4th axis holds channels (an MSD
+multi-modal image), give one channel with ``select_channel``. ``source_sha256`` fingerprints a
+source so that unchanged volumes are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -151,3 +152,12 @@ def select_frame(img: sitk.Image, t: int | None, path: str, what: str) -> sitk.I
     if img.GetDimension() != 4 or t >= img.GetSize()[3]:
         raise VolumeError(path, f"{what} has no time frame {t + 1} (size {img.GetSize()}); check the file")
     return img[:, :, :, t]
+
+
+def select_channel(img: sitk.Image, c: int, path: str) -> sitk.Image:
+    """Channel ``c`` (0-based, ``data.channel``) of an image whose 4th axis holds channels."""
+    n = img.GetSize()[3] if img.GetDimension() == 4 else 1
+    if c >= n:
+        raise VolumeError(path, f"image has {n} channel(s) in its 4th axis, no channel {c}; set data.channel to "
+                                f"0..{n - 1}")
+    return img if img.GetDimension() == 3 else img[:, :, :, c]

@@ -11,12 +11,11 @@ from pathlib import Path
 import mlflow
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from pcl_hpc import dist
 from pcl_hpc.config import Config, flatten, save_config, to_dict
-from pcl_hpc.data.augment import augment_pair
-from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
+from pcl_hpc.data.augment import BatchAugment
+from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset, slice_loader
 from pcl_hpc.data.store import read_manifest
 from pcl_hpc.errors import UserError
 from pcl_hpc.engine.checkpoint import Checkpointer, rng_state
@@ -25,7 +24,7 @@ from pcl_hpc.engine.strategy import build_strategy
 from pcl_hpc.evaluate import evaluate_volumes, load_labeled, score_volumes
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.tracking import Tracker, encoder_lineage, load_encoder_state, resolve_tracking_uri
-from pcl_hpc.train.common import log_step, resume_or_start, run_outcome, save_atomic, seed_everything
+from pcl_hpc.train.common import augment_in_workers, log_step, resume_or_start, run_outcome, save_atomic, seed_everything
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,10 +61,12 @@ def finetune(cfg: Config) -> dict:
         raise UserError("finetune runs in one process per job for now: start it without torchrun / with one task")
     dist.set_threads(env, cfg.engine.threads)
     out, manifest = Path(cfg.output_dir), read_manifest(cfg.data.store)
-    dataset = SliceDataset(cfg.data.store, f.train_volumes, patch=cfg.data.patch, with_labels=True)
+    augment = BatchAugment(seed=cfg.seed, views=0) if f.augment else None
+    in_workers = augment is not None and augment_in_workers(cfg.data, env.device)
+    dataset = SliceDataset(cfg.data.store, f.train_volumes, patch=cfg.data.patch, with_labels=True,
+                           transform=augment if in_workers else None)
     sampler = ResumableDistributedSampler(len(dataset), seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=f.batch_size, sampler=sampler, drop_last=len(dataset) > f.batch_size,
-                        num_workers=cfg.data.num_workers)
+    loader = slice_loader(dataset, f.batch_size, sampler, cfg.data.num_workers, drop_last=len(dataset) > f.batch_size)
     per_epoch, total_steps = len(loader), f.epochs * len(loader)
 
     # Build, then load-or-resume.
@@ -78,9 +79,8 @@ def finetune(cfg: Config) -> dict:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     strategy = build_strategy(cfg, env)
     net = strategy.setup(model, optimizer, schedule, f.batch_size)
-    augment_rng = torch.Generator(device=env.device).manual_seed(cfg.seed)
     ckpt = Checkpointer(out, strategy, cfg.checkpoint.keep)
-    meta, _ = resume_or_start(ckpt, cfg, augment_rng)
+    meta, _ = resume_or_start(ckpt, cfg)
     step, best = meta.get("step", 0), meta.get("best_val_dice", -1.0)
     val_volumes = f.val_volumes or f.train_volumes  # without a validation split, select on training volumes
     val_data = load_labeled(cfg.data.store, val_volumes)  # read once, scored every epoch
@@ -98,9 +98,9 @@ def finetune(cfg: Config) -> dict:
             if step >= total_steps:
                 break
             freeze_encoder(strategy.module, frozen=epoch < f.freeze_encoder_epochs)
-            images, labels = batch["image"].to(env.device), batch["label"].to(env.device)
-            if f.augment:
-                images, labels = augment_pair(images, labels, generator=augment_rng)
+            if augment is not None and not in_workers:
+                batch = augment({**batch, "image": batch["image"].to(env.device), "label": batch["label"].to(env.device)})
+            images, labels = batch["image"].to(env.device), batch["label"].to(env.device).long()
             with strategy.autocast():
                 logits = net(strategy.prepare(images))
             loss = segmentation_loss(logits.float(), labels)
@@ -119,7 +119,7 @@ def finetune(cfg: Config) -> dict:
                          echo=(epoch + 1) % f.log_every == 0 or step == total_steps)
             if guard.stop or step % per_epoch == 0:
                 ckpt.save(step, {"micro": step, "epoch": epoch, "best_val_dice": best, "run_id": tracker.run_id,
-                                 "config": to_dict(cfg)}, {"rng": rng_state(augment_rng), "sampler": sampler.state_dict()})
+                                 "config": to_dict(cfg)}, {"rng": rng_state(None), "sampler": sampler.state_dict()})
             if guard.stop:
                 raise Preempted(f"finetune: saved step {step} after {guard.signalled}; start the same command again to resume")
 

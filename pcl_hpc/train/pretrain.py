@@ -12,12 +12,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from pcl_hpc import dist
 from pcl_hpc.config import Config, flatten, save_config, to_dict
-from pcl_hpc.data.augment import augment_views
-from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
+from pcl_hpc.data.augment import BatchAugment
+from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset, slice_loader
 from pcl_hpc.data.store import read_manifest, volume_ids
 from pcl_hpc.engine.checkpoint import Checkpointer, rng_state
 from pcl_hpc.engine.loop import Preempted, StepGuard, resumable_batches
@@ -27,7 +26,7 @@ from pcl_hpc.losses import contrastive_loss
 from pcl_hpc.models.unet import build_pretrain_net
 from pcl_hpc.optim import build_optimizer, build_schedule
 from pcl_hpc.tracking import Tracker, register_encoder
-from pcl_hpc.train.common import (Throughput, log_step, maybe_inject_fault, resume_or_start, run_outcome,
+from pcl_hpc.train.common import (Throughput, augment_in_workers, log_step, maybe_inject_fault, resume_or_start, run_outcome,
                                   save_atomic, seed_everything)
 
 
@@ -40,16 +39,20 @@ def pretrain_volumes(cfg: Config) -> list[str]:
     return chosen
 
 
-def two_views(images: torch.Tensor, augment: bool, generator: torch.Generator) -> torch.Tensor:
-    """(N,1,P,P) slices -> (N,2,1,P,P) views; without augmentation both views are the slice itself."""
-    if augment:
-        return augment_views(images, views=2, generator=generator)
-    return images.unsqueeze(1).expand(-1, 2, -1, -1, -1)
+def batch_views(batch: dict, augment: BatchAugment | None, device: torch.device) -> torch.Tensor:
+    """(N,2,1,P,P) views on the device: augmented by a loader worker, here, or (no augmentation)
+    both views the slice itself."""
+    if "views" in batch:
+        return batch["views"].to(device, non_blocking=True)
+    images = batch["image"].to(device, non_blocking=True)
+    if augment is None:
+        return images.unsqueeze(1).expand(-1, 2, -1, -1, -1)
+    return augment({**batch, "image": images})["views"]
 
 
-def batch_loss(net, strategy, batch: dict, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+def batch_loss(net, strategy, batch: dict, cfg: Config, augment: BatchAugment | None) -> torch.Tensor:
     """Both views of every slice through the network in one call, then the gathered contrastive loss."""
-    views = two_views(batch["image"].to(strategy.device), cfg.pretrain.augment, generator)
+    views = batch_views(batch, augment, strategy.device)
     n = views.shape[0]
     with strategy.autocast():
         features = net(strategy.prepare(views.reshape(n * 2, *views.shape[2:]))).view(n, 2, -1)
@@ -75,10 +78,12 @@ def pretrain(cfg: Config) -> Path:
     dist.set_threads(env, cfg.engine.threads)
     out, p, accum = Path(cfg.output_dir), cfg.pretrain, cfg.engine.grad_accum
     manifest = read_manifest(cfg.data.store)
-    dataset = SliceDataset(cfg.data.store, pretrain_volumes(cfg), patch=cfg.data.patch)
+    augment = BatchAugment(seed=cfg.seed, rank=env.rank, views=2) if p.augment else None
+    in_workers = augment is not None and augment_in_workers(cfg.data, env.device)
+    dataset = SliceDataset(cfg.data.store, pretrain_volumes(cfg), patch=cfg.data.patch,
+                           transform=augment if in_workers else None)
     sampler = ResumableDistributedSampler(len(dataset), env.world_size, env.rank, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=p.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    loader = slice_loader(dataset, p.batch_size, sampler, cfg.data.num_workers, drop_last=True, persistent=True)
     if len(loader) == 0:
         raise UserError(f"pretrain: {len(sampler)} slices per rank is less than pretrain.batch_size={p.batch_size}")
     per_epoch = len(loader)
@@ -90,9 +95,8 @@ def pretrain(cfg: Config) -> Path:
     model = with_sync_batchnorm(build_pretrain_net(cfg.model), cfg.model.sync_batchnorm, env)
     optimizer = build_optimizer(model, p, p.batch_size * env.world_size * accum)
     net = strategy.setup(model, optimizer, build_schedule(optimizer, p.warmup_steps, total_steps), p.batch_size)
-    augment_rng = torch.Generator(device=env.device).manual_seed(cfg.seed * 1000 + env.rank)
     ckpt = Checkpointer(out, strategy, cfg.checkpoint.keep)
-    meta, ranks = resume_or_start(ckpt, cfg, augment_rng)
+    meta, ranks = resume_or_start(ckpt, cfg)
     if ranks:
         sampler.load_state_dict(ranks["sampler"])  # refuses another world size, data or seed
     step, micro = meta.get("step", 0), meta.get("micro", 0)
@@ -110,7 +114,7 @@ def pretrain(cfg: Config) -> Path:
     def save(epoch: int) -> None:
         ckpt.save(step, {"micro": micro, "epoch": epoch, "skipped_steps": guard.skipped_total,
                          "run_id": tracker.run_id, "config": to_dict(cfg)},
-                  {"rng": rng_state(augment_rng), "sampler": sampler.state_dict(micro % per_epoch * p.batch_size)})
+                  {"rng": rng_state(None), "sampler": sampler.state_dict(micro % per_epoch * p.batch_size)})
 
     with run_outcome(tracker, guard):
         for epoch, batch in resumable_batches(loader, sampler, p.batch_size, micro):
@@ -118,7 +122,7 @@ def pretrain(cfg: Config) -> Path:
                 break
             sync = (micro + 1) % accum == 0
             with strategy.micro_step(sync):
-                loss = batch_loss(net, strategy, batch, cfg, augment_rng)
+                loss = batch_loss(net, strategy, batch, cfg, None if in_workers else augment)
                 if guard.finite(loss):
                     strategy.backward(loss)
             micro += 1
