@@ -5,11 +5,14 @@ Each adapter runs on tiny files written here in that dataset's published layout 
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 
 from pcl_hpc.config import DataConfig
+from pcl_hpc.data import layouts
 from pcl_hpc.data import store as zstore
 from pcl_hpc.data.preprocess import preprocess
 from pcl_hpc.errors import UserError
@@ -124,8 +127,12 @@ def test_hvsmr_layout_prefers_short_axis_crop(tmp_path):
     assert zstore.read_manifest(cfg.store)["class_names"] == ["background", "myocardium", "blood_pool"]
 
 
-def test_generic_4d_image_is_split_into_frames(tmp_path):
+@pytest.mark.parametrize("meta", [None, {"modality": {"0": "MRI"}}])  # no or one declared channel
+def test_generic_4d_image_is_split_into_frames(tmp_path, meta):
     raw = tmp_path / "raw"
+    if meta:
+        raw.mkdir()
+        (raw / "dataset.json").write_text(json.dumps(meta))
     _save(raw / "imagesTs" / "cine.nii.gz", np.stack([_img(t) for t in range(3)], axis=-1))
     _save(raw / "imagesTs" / "still.nii.gz", _img(9))
     cfg, summary = _run(tmp_path, raw, "generic")
@@ -173,6 +180,55 @@ def test_generic_msd_4d_image_with_3d_label_takes_one_channel(tmp_path, channel)
     assert other.skipped == ["cine_frame01", "cine_frame02"]
 
 
+def test_generic_dataset_json_modalities_make_every_4d_image_a_channel_stack(tmp_path):
+    raw = tmp_path / "Task01_BrainTumour"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd"}}))
+    _save(raw / "imagesTr" / "BRATS_001.nii.gz", _channels(3))
+    _save(raw / "labelsTr" / "BRATS_001.nii.gz", _lab([1, 2]).astype(np.uint8))
+    _save(raw / "imagesTs" / "BRATS_485.nii.gz", _channels(3))  # unlabeled: channels too, not time frames
+    kw = {"modality": "ct", "intensity": "window", "hu_window": [-5000, 5000]}
+    cfg, summary = _run(tmp_path, raw, "generic", channel=1, **kw)
+    assert summary.ok and summary.converted == ["BRATS_001", "BRATS_485"]
+    expected = ((np.clip(_channels(3)[..., 1], -5000, 5000) + 5000) / 10000)[::-1, ::-1, :].transpose(2, 1, 0)
+    for vid, labeled in (("BRATS_001", True), ("BRATS_485", False)):
+        got, label, attrs = zstore.load_volume(cfg.store, vid)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert (label is not None) == labeled and attrs["channel"] == 1 and attrs["frame"] is None
+    # data.channel out of range: the same one line per file, saying where the channel count comes from.
+    jobs, problems = layouts.discover(raw, "generic", channel=3)
+    assert jobs == [] and len(problems) == 2
+    path, reason = problems[1]
+    assert path.endswith("imagesTs/BRATS_485.nii.gz") and "has 3 channels" in reason and "'modality'" in reason
+    assert "data.channel to 0..2" in reason and "\n" not in reason
+
+
+def test_generic_dataset_json_channel_names_mismatch(tmp_path):
+    raw = tmp_path / "Dataset005_Prostate"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"},
+                                                  "labels": {"background": 0, "prostate": 1}}))
+    _save(raw / "imagesTr" / "prostate_00_0000.nii.gz", _img(1))
+    _save(raw / "imagesTr" / "prostate_00_0001.nii.gz", _img(1) + 1000.0)
+    _save(raw / "labelsTr" / "prostate_00.nii.gz", _lab([1]).astype(np.uint8))
+    _save(raw / "imagesTs" / "prostate_10.nii.gz", _channels(2))  # 2 channels, as declared
+    _save(raw / "imagesTs" / "prostate_11.nii.gz", _channels(3))  # 3 in the 4th axis: matches nothing
+    cfg, summary = _run(tmp_path, raw, "generic", channel=1)
+    assert summary.converted == ["prostate_00", "prostate_10"]
+    assert len(summary.failed) == 1
+    path, reason = summary.failed[0]
+    assert path.endswith("imagesTs/prostate_11.nii.gz") and "\n" not in reason
+    assert "3 entries in its 4th axis" in reason and "'channel_names' declares 2 channels" in reason
+    assert zstore.load_volume(cfg.store, "prostate_10")[2]["channel"] == 1
+    # A malformed channel map is a clear error, like a malformed 'labels'.
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "2": "ADC"}}))
+    with pytest.raises(UserError, match="'channel_names' must map channel ids 0..1"):
+        layouts.discover(raw, "generic")
+    (raw / "dataset.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        layouts.discover(raw, "generic")
+
+
 def test_generic_nnunet_channel_files(tmp_path):
     raw = tmp_path / "Dataset005_Prostate"
     for case, seed in (("prostate_00", 1), ("prostate_01", 2)):
@@ -203,7 +259,7 @@ def test_slice_axis(tmp_path, axis, shape):
     raw = tmp_path / "raw"
     data = _img(1)
     _save(raw / "v.nii.gz", data)
-    cfg, summary = _run(tmp_path, raw, "images", slice_axis=axis, modality="ct", clip_percentiles=[0, 100])
+    cfg, _ = _run(tmp_path, raw, "images", slice_axis=axis, modality="ct", clip_percentiles=[0, 100])
     image, _, attrs = zstore.load_volume(cfg.store, "v")
     assert image.shape == shape and attrs["slice_axis"] == axis
     assert attrs["positions"][-1] == 1.0 and len(attrs["positions"]) == shape[0]
@@ -223,14 +279,14 @@ def test_intensity_window_percentile_and_resampling(tmp_path):
     hu = np.linspace(-1500, 1500, 12 * 10 * 4, dtype=np.float32).reshape(12, 10, 4)
     _save(raw / "imagesTr" / "ct1.nii.gz", hu)
     _save(raw / "labelsTr" / "ct1.nii.gz", _lab([1, 2]).astype(np.uint8))
-    cfg, summary = _run(tmp_path, raw, "generic", modality="ct", intensity="window", hu_window=[-200, 400])
+    cfg, _ = _run(tmp_path, raw, "generic", modality="ct", intensity="window", hu_window=[-200, 400])
     image = zstore.load_volume(cfg.store, "ct1")[0]
     expected = (np.clip(hu, -200, 400) + 200) / 600
     np.testing.assert_allclose(image, expected[::-1, ::-1, :].transpose(2, 1, 0), atol=1e-5)
     settings = zstore.read_manifest(cfg.store)["settings"]
     assert settings["intensity"] == "window" and settings["hu_window"] == [-200.0, 400.0]
 
-    cfg2, s2 = _run(tmp_path / "b", raw, "generic", modality="ct", target_spacing=[0.75, 0.75],
+    cfg2, _ = _run(tmp_path / "b", raw, "generic", modality="ct", target_spacing=[0.75, 0.75],
                     interpolation="bspline", compressor="lz4")
     image, label, attrs = zstore.load_volume(cfg2.store, "ct1")
     assert image.shape == label.shape == (4, 20, 24) and attrs["spacing"] == pytest.approx([5.0, 0.75, 0.75])

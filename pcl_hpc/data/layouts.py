@@ -11,9 +11,10 @@ generic    MSD / nnU-Net: imagesTr/<case>[_0000].ext + labelsTr/<case>.ext, imag
            class names from dataset.json when present. A case may also be a DICOM series
            folder (imagesTr/<case>/). Multi-channel cases give ONE volume <case> from channel
            data.channel (0-based; the U-Net takes one input channel): nnU-Net's <case>_0000,
-           _0001, ... files, or an MSD 4D image with a 3D label (the 4th axis holds modalities,
-           e.g. Task01 BrainTumour). Other 4D images (with a 4D label, or unlabeled) are split
-           into time frames <case>_frameNN (1-based).
+           _0001, ... files, or a 4D image whose 4th axis holds channels: every 4D image when
+           dataset.json declares several ('modality' / 'channel_names', e.g. Task01
+           BrainTumour), else one with a 3D label. Other 4D images are split into time frames
+           <case>_frameNN (1-based).
 images     a plain folder of images or DICOM series folders, no labels (pretraining only)
 acdc       patientXXX/ with Info.cfg (ED, ES), patientXXX_frameNN[_gt].nii.gz (labeled ED/ES)
            and patientXXX_4d.nii.gz: every other cine frame becomes an unlabeled volume
@@ -133,13 +134,27 @@ def _frames(job: Job, case: str) -> Job:
     return job
 
 
-def _channels(job: Job, case: str, channel: int, problems: list) -> Job | None:
-    """An MSD 4D image with a 3D label holds channels (modalities), not frames: take ``channel``."""
+def _channels(job: Job, case: str, channel: int, problems: list,
+              declared: tuple[int, str] | None = None) -> Job | None:
+    """A 4D image holds channels (modalities), not frames, when dataset.json ``declared`` several
+    (``(count, key)``), or else when its label is 3D (MSD): take ``channel``."""
     n = frame_count(job.image)
-    if n == 1 or job.label is None or frame_count(job.label) != 1:
+    if n == 1:
         return _frames(job, case)
+    if declared:
+        count, key = declared
+        if n != count:
+            problems.append((job.image, (f"image has {n} entries in its 4th axis but dataset.json '{key}' declares "
+                                         f"{count} channels; give this image those {count} channels in order, or "
+                                         f"fix '{key}' in dataset.json")))
+            return None
+        why = f"dataset.json '{key}' declares {count}"
+    elif job.label is None or frame_count(job.label) != 1:
+        return _frames(job, case)
+    else:
+        why = "its label is 3D"
     if channel >= n:
-        problems.append((job.image, (f"image has {n} channels in its 4th axis (its label is 3D), no channel "
+        problems.append((job.image, (f"image has {n} channels in its 4th axis ({why}), no channel "
                                      f"{channel}; set data.channel to 0..{n - 1}")))
         return None
     job.outputs, job.channels_axis, job.channel = [(case, channel)], True, channel
@@ -149,6 +164,8 @@ def _channels(job: Job, case: str, channel: int, problems: list) -> Job | None:
 def _generic(raw: Path, problems: list, channel: int = 0) -> list[Job]:
     """nnU-Net channel files ``<case>_0000, _0001, ...`` are one case (a lone ``_0000`` too); a
     ``_NNNN`` suffix without a ``_0000`` sibling is part of the name (``scan_0012``)."""
+    declared = declared_channels(raw)
+    declared = declared if declared and declared[0] > 1 else None  # one channel: 4D may be time frames
     jobs, no_channel = [], set()
     for sub in ("imagesTr", "imagesTs"):
         files = _sources(raw / sub)
@@ -186,7 +203,7 @@ def _generic(raw: Path, problems: list, channel: int = 0) -> list[Job]:
     for case, job in jobs:
         if job.channel is not None:  # the picked _000k file is one channel: 4D means time frames
             out.append(_frames(job, case))
-        elif (done := _channels(job, case, channel, problems)) is not None:
+        elif (done := _channels(job, case, channel, problems, declared)) is not None:
             out.append(done)
     return out
 
@@ -319,6 +336,36 @@ def discover(raw: Path, layout: str, channel: int = 0) -> tuple[list[Job], list[
     return unique, problems
 
 
+def _dataset_json(raw: Path) -> dict | None:
+    """``raw/dataset.json`` (MSD / nnU-Net), or None when there is none."""
+    path = raw / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON; fix it or remove it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object ({{...}}); fix it or remove it")
+    return meta
+
+
+def declared_channels(raw: Path) -> tuple[int, str] | None:
+    """``(count, key)`` of the input channels dataset.json declares: nnU-Net v2 ``channel_names`` or
+    MSD ``modality`` (``{"0": "FLAIR", "1": "T1w", ...}``); None when it declares none. A key that is
+    not a mapping is ignored, like ``labels``."""
+    meta = _dataset_json(raw)
+    for key in ("channel_names", "modality"):
+        names = (meta or {}).get(key)
+        if not isinstance(names, dict) or not names:
+            continue
+        if sorted(str(k) for k in names) != sorted(str(i) for i in range(len(names))):
+            raise UserError(f"{raw / 'dataset.json'}: '{key}' must map channel ids 0..{len(names) - 1} to names "
+                            f"(got ids {', '.join(map(str, names))}); fix it")
+        return len(names), key
+    return None
+
+
 def class_names(raw: Path, layout: str) -> list[str] | None:
     """The dataset's class names: fixed for the paper's datasets, from dataset.json for generic."""
     if layout in CLASS_NAMES:
@@ -326,12 +373,8 @@ def class_names(raw: Path, layout: str) -> list[str] | None:
     if layout != "generic":
         return None
     path = raw / "dataset.json"
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text()).get("labels")
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not valid JSON; fix it or remove it") from None
+    meta = _dataset_json(raw)
+    labels = meta.get("labels") if meta else None
     if not isinstance(labels, dict) or not labels:
         return None
     try:
