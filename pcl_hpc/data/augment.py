@@ -4,9 +4,11 @@ Each sample (and each view) gets its own random flips (each axis with p=0.5), ro
 [0, 2pi), isotropic scale in [0.7, 1.3] and an elastic deformation with the PCL paper's ranges
 (batchgenerators' ``SpatialTransform(alpha=(100, 350), sigma=(14, 17))``: a displacement of
 ``alpha * gaussian_filter(uniform(-1, 1) noise, sigma)`` pixels per axis), all folded into one
-sampling grid and applied with a single ``grid_sample`` call for the whole batch.
+sampling grid per sample and applied by ``grid_sample``: for the whole batch at once on a GPU,
+CPU_CHUNK samples at a time on a CPU (all random numbers are drawn first, so chunking never
+changes a transform).
 
-The whole sampling grid (affine + elastic) comes out of ONE batched matrix product per batch,
+Each sampling grid (affine + elastic) comes out of ONE batched matrix product,
 with no full-resolution intermediate: the paper's field is a Gaussian filter (sigma >= 14 px) of
 white noise; noise block-averaged over ELASTIC_BLOCK x ELASTIC_BLOCK pixels (variance scaled so
 the smoothed field keeps the same statistics) and filtered with each sample's own sigma is
@@ -25,6 +27,8 @@ not per batch. tools/bench_data.py reports kornia's figure next to ours.
 
 Random numbers are drawn from ``generator`` on its own device (CPU by default) and only the small
 parameter tensors are moved to the batch's device: a seed gives the same transforms on any device.
+Training seeds each batch from its place in the run (``batch_generator``), and ``BatchAugment``
+applies it to a loader batch in a worker or on the device alike.
 """
 
 from __future__ import annotations

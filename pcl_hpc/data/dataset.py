@@ -1,4 +1,5 @@
-"""Slices out of the Zarr store, and a sampler that shards them across ranks and resumes mid-epoch."""
+"""Slices out of the Zarr store, read a whole batch per call, and a sampler that shards them
+across ranks and resumes mid-epoch (``slice_loader`` puts the pieces together)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     start (as torch's own collate does), so handing the batch to the trainer copies nothing."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    try:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    except AttributeError:  # a torch without the (private) call: shared all the same, one copy more
+        return torch.empty(shape, dtype=dtype).share_memory_()
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
