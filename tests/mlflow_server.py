@@ -33,12 +33,45 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "mlflow_server.sh"
 START_TIMEOUT_S = float(os.environ.get("MLFLOW_TEST_SERVER_TIMEOUT", "120"))
+
+
+# What could point a test's Tracker somewhere else or make it think it is not rank 0.
+MLFLOW_ENV_VARS = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PCL_TRACKING_RETRY_S",
+    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+    "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+)
+
+
+@contextmanager
+def isolated_mlflow(monkeypatch, retries: int, timeout_s: int):
+    """No tracking URI leaks in from the environment or between tests (mlflow.set_tracking_uri
+    sets env); MLflow's HTTP retries set here so that monkeypatch restores them afterwards."""
+    for var in MLFLOW_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    import mlflow
+
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+def experiment_runs(client, experiment: str) -> list:
+    """Every run of ``experiment`` (none if it does not exist)."""
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def _free_port() -> int:

@@ -29,23 +29,13 @@ from pcl_hpc.tracking import (
     replay_fallback,
     resolve_tracking_uri,
 )
-from tests.mlflow_server import _free_port, mlflow_server  # noqa: F401
+from tests.mlflow_server import _free_port, experiment_runs, isolated_mlflow, mlflow_server  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
-    """No tracking URI leaks in from the environment or between tests (mlflow.set_tracking_uri sets env)."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-                "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PCL_TRACKING_RETRY_S",
-                "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-                "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-    # Tracker.start sets these defaults in os.environ; let monkeypatch restore them afterwards.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    with isolated_mlflow(monkeypatch, retries=2, timeout_s=20):
+        yield
 
 
 def _unique(prefix: str) -> str:
@@ -111,8 +101,7 @@ def test_tracker_logs_one_run(mlflow_server, tmp_path):
     tracker.end()
 
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id])
+    runs = experiment_runs(client, cfg.tracking.experiment)
     assert [r.info.run_id for r in runs] == [run_id]
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
@@ -144,8 +133,7 @@ def test_resume_keeps_run_and_records_changed_params(mlflow_server, tmp_path):
     second.end()
 
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id])
+    runs = experiment_runs(client, cfg.tracking.experiment)
     assert [r.info.run_id for r in runs] == [run_id]
     run = runs[0]
     assert run.info.status == "FINISHED"

@@ -31,7 +31,7 @@ from pcl_hpc.config import flatten, load_config
 from pcl_hpc.data.store import read_manifest
 from pcl_hpc.tracking import FALLBACK_FILE, Tracker, git_commit, load_encoder_state, read_fallback, replay_fallback
 from tests.conftest import REPO
-from tests.mlflow_server import MlflowTestServer, mlflow_server  # noqa: F401
+from tests.mlflow_server import MlflowTestServer, experiment_runs, isolated_mlflow, mlflow_server  # noqa: F401
 
 CONFIG = REPO / "configs" / "demo.yaml"
 RUN_TIMEOUT_S = 600  # a 2-process pretrain on a busy 2-core machine
@@ -39,14 +39,8 @@ RUN_TIMEOUT_S = 600  # a 2-process pretrain on a busy 2-core machine
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-                "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "PCL_TRACKING_RETRY_S"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    with isolated_mlflow(monkeypatch, retries=0, timeout_s=10):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +83,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _runs(client: MlflowClient, experiment: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id]) if exp else []
-
-
 def _assert_same_weights(loaded: dict, saved: dict) -> None:
     assert list(loaded) == list(saved)
     for key, value in saved.items():
@@ -122,7 +111,7 @@ def test_two_process_pretrain_one_run_registered_and_lineage(demo_store, mlflow_
     cfg = load_config(str(CONFIG), args)
 
     client = MlflowClient(mlflow_server)
-    runs = _runs(client, experiment)
+    runs = experiment_runs(client, experiment)
     assert len(runs) == 1, "exactly one MLflow run for a 2-process job (rank 1 logs nothing)"
     run = runs[0]
     run_id = run.info.run_id
@@ -161,7 +150,7 @@ def test_two_process_pretrain_one_run_registered_and_lineage(demo_store, mlflow_
         "finetune.epochs=1", "finetune.batch_size=8", "finetune.augment=false",
         "finetune.train_volumes=[dk01]", "finetune.val_volumes=[dk04]", "finetune.test_volumes=[dk05]"])
     finetune(ft)
-    ft_runs = [r for r in _runs(client, experiment) if r.data.tags.get("stage") == "finetune"]
+    ft_runs = [r for r in experiment_runs(client, experiment) if r.data.tags.get("stage") == "finetune"]
     assert len(ft_runs) == 1
     lineage = ft_runs[0].data.tags
     assert (lineage["encoder_name"], lineage["encoder_version"], lineage["encoder_run_id"]) == (name, "1", run_id)
@@ -193,7 +182,7 @@ def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_pa
         def first_losses():
             if proc.poll() is not None:
                 raise AssertionError(f"pretrain ended before any metric reached the server:\n{log_path.read_text()[-3000:]}")
-            runs = _runs(client, experiment)
+            runs = experiment_runs(client, experiment)
             return runs and client.get_metric_history(runs[0].info.run_id, "loss")
 
         _poll(first_losses, RUN_TIMEOUT_S, "the first loss on the server")
@@ -230,7 +219,7 @@ def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_pa
     output = log_path.read_text()
     assert rc == 0, output[-3000:]
     assert (tmp_path / "pretrain" / "encoder.pt").is_file()
-    runs = _runs(client, experiment)
+    runs = experiment_runs(client, experiment)
     assert len(runs) == 1
     run_id = runs[0].info.run_id
     on_server = {m.step for m in client.get_metric_history(run_id, "loss")}
@@ -245,7 +234,7 @@ def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_pa
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1)), "each step exactly once"
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert len(_runs(client, experiment)) == 1
+    assert len(experiment_runs(client, experiment)) == 1
     mlflow.set_tracking_uri(uri)
     saved = torch.load(tmp_path / "pretrain" / "encoder.pt", weights_only=True)
     _assert_same_weights(load_encoder_state(f"models:/{name}@candidate"), saved)
@@ -298,4 +287,4 @@ def test_resume_after_kill_continues_the_same_run(mlflow_server, tmp_path):
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, last + 3)), "no step logged twice"
     assert all(m.value == logged[m.step] for m in history if m.step <= last), "logged steps kept their values"
-    assert len(_runs(client, cfg.tracking.experiment)) == 1
+    assert len(experiment_runs(client, cfg.tracking.experiment)) == 1

@@ -122,7 +122,7 @@ def pretrain(cfg: Config) -> Path:
                 break
             sync = (micro + 1) % accum == 0
             with strategy.micro_step(sync):
-                loss = batch_loss(net, strategy, batch, cfg, None if in_workers else augment)
+                loss = batch_loss(net, strategy, batch, cfg, augment)  # a no-op where a worker augmented
                 if guard.finite(loss):
                     strategy.backward(loss)
             micro += 1
