@@ -19,6 +19,7 @@ import submitit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pcl_hpc import dist  # noqa: E402
 from pcl_hpc.config import load_config  # noqa: E402
 from pcl_hpc.engine.loop import Preempted  # noqa: E402
 from pcl_hpc.errors import UserError  # noqa: E402
@@ -36,7 +37,7 @@ class StageJob:
             RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
             LOCAL_WORLD_SIZE=str(job.num_tasks // max(job.num_nodes, 1)),
             MASTER_ADDR=job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1",
-            MASTER_PORT=str(20000 + int(str(job.job_id).split("_")[0]) % 20000),
+            MASTER_PORT=str(dist.master_port(job.job_id)),
         )
         cfg = load_config(self.config_path, self.overrides)
         try:
@@ -56,6 +57,15 @@ class StageJob:
         from pcl_hpc.train.finetune import finetune
 
         return finetune(cfg)
+
+
+def stage_folder(cfg, stage: str) -> Path:
+    """Where the stage writes (its submitit logs go beside its outputs)."""
+    if stage == "pretrain":
+        from pcl_hpc.train.pretrain import folder
+    else:
+        from pcl_hpc.train.finetune import folder
+    return folder(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +90,7 @@ def submit(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
     if args.stage == "finetune" and args.nodes * args.tasks_per_node > 1:
         raise UserError("finetune runs as a single task: use --nodes 1 --tasks-per-node 1")
-    folder = Path(args.folder or Path(cfg.output_dir) / "submitit")
+    folder = Path(args.folder or stage_folder(cfg, args.stage) / "submitit")
     cluster = None if args.cluster == "auto" else args.cluster
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params = dict(nodes=args.nodes, tasks_per_node=args.tasks_per_node, timeout_min=args.timeout_min,

@@ -3,17 +3,33 @@
 A config file is a YAML mapping of sections (``data``, ``model``, ...) to keys. Command-line
 overrides are ``section.key=value`` (the value is parsed as YAML, so ``3``, ``0.1``, ``true`` and
 ``[1, 2]`` get their natural types). Unknown sections or keys fail with the list of valid ones.
+
+After the file and the overrides are applied, every value is checked against its field (see
+:func:`validate`): the annotation gives the type and the field's metadata, declared next to it with
+:func:`one_of`, :func:`bounded` or :func:`pair`, the allowed values. A bad value fails at load with
+one line naming the key, the value that won and what is allowed. Conversions: an int given for a
+float becomes a float; a number given for a string (``finetune.name=123``, volume ids ``[1, 2]``)
+becomes that string, spelled as written (``[001]`` stays ``"001"``); a float written in exponent
+form (``1e-4``, which YAML 1.1 reads as a string) becomes a float. An int field takes only integers
+(not ``3.0``, not ``true``); a bool field takes only true/false; choices match case-insensitively
+and are stored as listed. Validation is pure: no imports of heavy modules, no filesystem access.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pcl_hpc.atomic import write_text
 from pcl_hpc.errors import UserError
 
 
@@ -21,82 +37,112 @@ class ConfigError(UserError):
     """A config file or override that cannot be used; the message says which and what to do."""
 
 
+# ---------------------------------------------------------------- field declarations
+# The allowed values of a field live in its dataclass field's metadata; ``validate`` reads them.
+
+
+def one_of(*choices: Any) -> Any:
+    """A field whose value must be one of ``choices``; the default is the first one."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A number field with bounds: ``ge`` (>=), ``gt`` (>), ``le`` (<=), ``lt`` (<)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def pair(default: list[float] | None, *, ascending: bool = False, ge: float | None = None,
+         gt: float | None = None, le: float | None = None) -> Any:
+    """A ``list[float]`` field of exactly two numbers, each within the bounds, low < high if ``ascending``."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    meta = {"pair": True, "ascending": ascending, "bounds": bounds}
+    if default is None:
+        return field(default=None, metadata=meta)
+    return field(default_factory=lambda: list(default), metadata=meta)
+
+
 @dataclass
 class DataConfig:
     raw_dir: str = ""  # folder of input volumes (read by `preprocess`)
-    layout: str = "generic"  # how raw_dir is organised: generic (imagesTr/labelsTr) | images | acdc | chd | mmwhs | hvsmr
+    layout: str = one_of("generic", "images", "acdc", "chd", "mmwhs", "hvsmr")  # how raw_dir is organised: generic (imagesTr/labelsTr) | images | acdc | chd | mmwhs | hvsmr
     store: str = ""  # the Zarr store written by `preprocess` and read by training
-    modality: str = "mri"  # mri: per-volume percentile clip + z-score; ct: percentile clip to [0, 1]
-    clip_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
-    target_spacing: list[float] | None = None  # in-plane (y, x) spacing in mm; None keeps the source
-    patch: int = 64  # slices are centre-cropped / zero-padded to patch x patch
-    gcl_partitions: int = 4  # GCL: each volume is split into this many equal partitions along z
-    folds: int = 5  # patient-level folds written to the manifest
-    num_workers: int = 0  # DataLoader workers per rank
-    augment_on: str = "auto"  # auto (workers when training on CPU with workers, else device) | workers | device
-    slice_axis: str = "axial"  # axial | coronal | sagittal: the anatomical axis slices are taken along
-    intensity: str = "auto"  # auto (ct: percentile, mri: zscore) | percentile (clip, scale to [0, 1]) | zscore | window
-    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # intensity=window (CT): [low, high] HU
-    interpolation: str = "linear"  # in-plane image resampling: linear | bspline (labels are always nearest)
-    compressor: str = "zstd"  # Blosc codec of the store (bitshuffle): zstd | lz4
-    fold_seed: int = 0  # seed of the patient-level fold assignment in the manifest
-    id_scheme: str = "source"  # volume ids: source (file/folder names) | hashed (pseudonymous; see preprocess.py)
-    channel: int = 0  # generic layout, multi-channel cases (MSD 4D image + 3D label, nnU-Net _000k files): channel used, 0-based
+    modality: str = one_of("mri", "ct")  # mri: per-volume percentile clip + z-score; ct: percentile clip to [0, 1]
+    clip_percentiles: list[float] = pair([1.0, 99.0], ascending=True, ge=0, le=100)  # [low, high] percentiles, 0 <= low < high <= 100
+    target_spacing: list[float] | None = pair(None, gt=0)  # in-plane (y, x) spacing in mm; None keeps the source
+    patch: int = bounded(64, ge=1)  # slices are centre-cropped / zero-padded to patch x patch
+    gcl_partitions: int = bounded(4, ge=1)  # GCL: each volume is split into this many equal partitions along z
+    folds: int = bounded(5, ge=1)  # patient-level folds written to the manifest
+    num_workers: int = bounded(0, ge=0)  # DataLoader workers per rank
+    augment_on: str = one_of("auto", "workers", "device")  # auto (workers when training on CPU with workers, else device) | workers | device
+    slice_axis: str = one_of("axial", "coronal", "sagittal")  # axial | coronal | sagittal: the anatomical axis slices are taken along
+    intensity: str = one_of("auto", "percentile", "zscore", "window")  # auto (ct: percentile, mri: zscore) | percentile (clip, scale to [0, 1]) | zscore | window
+    hu_window: list[float] = pair([-1000.0, 1000.0], ascending=True)  # intensity=window (CT): [low, high] HU
+    interpolation: str = one_of("linear", "bspline")  # in-plane image resampling: linear | bspline (labels are always nearest)
+    compressor: str = one_of("zstd", "lz4")  # Blosc codec of the store (bitshuffle): zstd | lz4
+    fold_seed: int = bounded(0, ge=0)  # seed of the patient-level fold assignment in the manifest
+    id_scheme: str = one_of("source", "hashed")  # volume ids: source (file/folder names) | hashed (pseudonymous; see preprocess.py)
+    channel: int = bounded(0, ge=0)  # generic layout, multi-channel cases (MSD 4D image + 3D label, nnU-Net _000k files): channel used, 0-based
 
 
 @dataclass
 class ModelConfig:
-    width: int = 16  # f: channels of the first U-Net level (paper: 48 for ACDC, 32 for CHD)
-    in_channels: int = 1
-    projection_dim: int = 512
+    width: int = bounded(16, ge=1)  # f: channels of the first U-Net level (paper: 48 for ACDC, 32 for CHD)
+    in_channels: int = bounded(1, ge=1)
+    projection_dim: int = bounded(512, ge=1)
     sync_batchnorm: bool = False  # multi-GPU pretraining: one set of BN statistics across ranks
 
 
 @dataclass
 class LossConfig:
-    method: str = "pcl"  # pcl | gcl | simclr
-    threshold: float = 0.1  # pcl: |p_i - p_j| < threshold makes a positive pair
-    temperature: float = 0.1
-    base_temperature: float = 0.07
-    chunk_size: int = 0  # > 0: compute the local anchor rows in blocks of this many (memory linear in the global batch)
+    method: str = one_of("pcl", "gcl", "simclr")  # pcl | gcl | simclr
+    threshold: float = bounded(0.1, gt=0, le=1)  # pcl: |p_i - p_j| < threshold makes a positive pair
+    temperature: float = bounded(0.1, gt=0)
+    base_temperature: float = bounded(0.07, gt=0)
+    chunk_size: int = bounded(0, ge=0)  # > 0: compute the local anchor rows in blocks of this many (memory linear in the global batch)
 
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 1
-    max_steps: int = 0  # 0 = run all epochs; otherwise stop after this many optimizer steps
-    batch_size: int = 32  # slices per rank per step (each gives two views)
-    lr: float = 0.1  # the paper's SGD rate for a global batch of 32 slices
-    lr_reference_batch: int = 0  # linear scaling rule: lr * global_batch / this; 0 = use lr as given
-    optimizer: str = "sgd"  # sgd | lars (LARS for global batches of thousands)
-    warmup_steps: int = 0  # linear warm-up before the cosine decay
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    epochs: int = bounded(1, ge=1)
+    max_steps: int = bounded(0, ge=0)  # 0 = run all epochs; otherwise stop after this many optimizer steps
+    schedule_steps: int = bounded(0, ge=0)  # length of the LR schedule in optimizer steps; 0 = the run's total (max_steps or epochs)
+    batch_size: int = bounded(32, ge=1)  # slices per rank per step (each gives two views)
+    lr: float = bounded(0.1, ge=0)  # the paper's SGD rate for a global batch of 32 slices
+    lr_reference_batch: int = bounded(0, ge=0)  # linear scaling rule: lr * global_batch / this; 0 = use lr as given
+    optimizer: str = one_of("sgd", "lars")  # sgd | lars (LARS for global batches of thousands)
+    warmup_steps: int = bounded(0, ge=0)  # linear warm-up before the cosine decay
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(1e-4, ge=0)
     augment: bool = True
     volumes: list[str] | None = None  # volume ids to pretrain on; None = all in the store
     exclude_volumes: list[str] = field(default_factory=list)  # e.g. the test split
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1)
 
 
 @dataclass
 class FinetuneConfig:
+    name: str = ""  # this run's folder under <output_dir>/finetune/; "" = <init>_M<labeled volumes>
     encoder: str = ""  # "" = random init; a path to encoder.pt or models:/<name>@<alias>
-    num_classes: int = 4  # foreground classes; the network predicts num_classes + 1
+    num_classes: int = bounded(4, ge=1)  # foreground classes; the network predicts num_classes + 1
     train_volumes: list[str] = field(default_factory=list)
     val_volumes: list[str] = field(default_factory=list)
     test_volumes: list[str] = field(default_factory=list)
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-5
+    epochs: int = bounded(10, ge=1)
+    max_steps: int = bounded(0, ge=0)  # 0 = run all epochs; otherwise stop after this many optimizer steps
+    schedule_steps: int = bounded(0, ge=0)  # length of the cosine LR schedule in optimizer steps; 0 = the run's total
+    batch_size: int = bounded(16, ge=1)
+    lr: float = bounded(5e-4, ge=0)
+    weight_decay: float = bounded(1e-5, ge=0)
     augment: bool = True
-    freeze_encoder_epochs: int = 0  # train only the decoder for this many epochs first
-    log_every: int = 10
+    freeze_encoder_epochs: int = bounded(0, ge=0)  # train only the decoder for this many epochs first
+    log_every: int = bounded(10, ge=1)
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # "" = sqlite file <output_dir>/../mlflow.db unless MLFLOW_TRACKING_URI is set
+    uri: str = ""  # "" = sqlite file <output_dir>/mlflow.db unless MLFLOW_TRACKING_URI is set
     experiment: str = "pcl-hpc"
     run_name: str = ""
     register_name: str = "pcl-encoder"  # registered model name for pretrained encoders
@@ -105,32 +151,32 @@ class TrackingConfig:
 
 @dataclass
 class EngineConfig:
-    strategy: str = "ddp"  # ddp | deepspeed
-    backend: str = ""  # "" = nccl on CUDA, gloo otherwise
-    threads: int = 0  # torch threads per process; 0 = cores / local ranks
-    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
+    strategy: str = one_of("ddp", "deepspeed")  # ddp | deepspeed
+    backend: str = one_of("", "nccl", "gloo")  # "" = nccl on CUDA, gloo otherwise
+    threads: int = bounded(0, ge=0)  # torch threads per process; 0 = cores / local ranks
+    precision: str = one_of("auto", "bf16", "fp32")  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
     channels_last: bool = True  # NHWC activations for the convolutions
-    grad_accum: int = 1  # micro-batches (each pretrain.batch_size per rank) per optimizer step
-    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = no clipping (the norm is still logged)
+    grad_accum: int = bounded(1, ge=1)  # micro-batches (each pretrain.batch_size per rank) per optimizer step
+    grad_clip: float = bounded(0.0, ge=0)  # clip the global gradient norm to this; 0 = no clipping (the norm is still logged)
     compile: bool = False  # torch.compile the model
-    max_bad_steps: int = 5  # this many non-finite losses in a row abort the run
-    zero_stage: int = 0  # deepspeed: ZeRO stage 0 | 1 | 2
+    max_bad_steps: int = bounded(5, ge=1)  # this many non-finite losses in a row abort the run
+    zero_stage: int = one_of(0, 1, 2)  # deepspeed: ZeRO stage 0 | 1 | 2
     deepspeed_config: str = ""  # deepspeed: optional JSON file merged over the generated config
-    timeout_s: int = 600  # collectives fail after this long (a dead rank never hangs the job)
+    timeout_s: int = bounded(600, ge=1)  # collectives fail after this long (a dead rank never hangs the job)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # save every this many optimizer steps (0 = only at the end and when preempted)
-    keep: int = 3  # keep the last K checkpoints
+    every_steps: int = bounded(0, ge=0)  # save every this many optimizer steps (0 = only at the end and when preempted)
+    keep: int = bounded(3, ge=1)  # keep the last K checkpoints
     resume: bool = True  # resume from <output_dir>/checkpoints/latest when it exists (--no-resume: start fresh)
     path: str = ""  # resume from this checkpoint folder instead of latest
 
 
 @dataclass
 class Config:
-    output_dir: str = "outputs/run"
-    seed: int = 0
+    output_dir: str = "outputs/run"  # the experiment's folder: each stage writes under its own sub-folder (pretrain/, finetune/<name>/)
+    seed: int = bounded(0, ge=0)  # seeds every RNG of the run (numpy needs >= 0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -145,7 +191,204 @@ def _field_names(obj) -> list[str]:
     return [f.name for f in dataclasses.fields(obj)]
 
 
-def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+# ---------------------------------------------------------------- YAML reading
+
+
+class _Int(int):
+    """A YAML int that remembers how it was written (``007``, ``0x1f``), so a str field gets that text."""
+
+    text: str
+
+
+class _Float(float):
+    """A YAML float that remembers how it was written (``1.10``), so a str field gets that text."""
+
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader whose numbers carry their source text; :func:`validate` turns them into plain ones."""
+
+
+def _construct_number(kind: type, base):
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+        value = kind(base(loader, node))
+        value.text = str(node.value)
+        return value
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_number(_Int, yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_number(_Float, yaml.SafeLoader.construct_yaml_float))
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only, never objects
+
+
+# ---------------------------------------------------------------- validation
+
+# A float written with an exponent but no dot (``1e-4``) is a string to YAML 1.1; a float field takes it.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OPS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+class _Invalid(Exception):
+    """Raised inside :func:`_check`: the value is not allowed; the message says what is."""
+
+
+def _show(value: Any) -> str:
+    """repr of a value given (plain types, one line, not too long)."""
+    text = repr(_plain(value))
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _choice_text(choices: tuple) -> str:
+    return ", ".join('""' if c == "" else str(c) for c in choices)
+
+
+def _bounds_ok(value: float, bounds: dict[str, float]) -> bool:
+    return all(_BOUND_OPS[k](value, limit) for k, limit in bounds.items())
+
+
+def _bounds_text(bounds: dict[str, float]) -> str:
+    return " and ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in bounds.items())
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("must be an integer")
+    return int(value)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid("must be a number")
+    if not math.isfinite(value):
+        raise _Invalid("must be a finite number")
+    return float(value)
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return getattr(value, "text", None) or str(value)
+    raise _Invalid('must be a string (quote it; "" for none)')
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+_SCALARS = {int: _as_int, float: _as_float, str: _as_str, bool: _as_bool}
+_KIND_TEXT = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _check(value: Any, hint: Any, meta: Any) -> Any:
+    """``value`` converted to the field type ``hint``, within the field's ``meta``; else raise _Invalid."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+        optional = True
+    else:
+        optional = False
+    if typing.get_origin(hint) is list:
+        (item,) = args
+        if meta.get("pair"):
+            return _check_pair(value, optional, meta)
+        example = "[1, 2]" if item is not str else "[a, b]"
+        if not isinstance(value, list):
+            raise _Invalid(f"must be a list of {_KIND_TEXT[item]}, e.g. {example}" + (" (or null)" if optional else ""))
+        try:
+            return [_SCALARS[item](v) for v in value]
+        except _Invalid:
+            raise _Invalid(f"must be a list of {_KIND_TEXT[item]}, e.g. {example}") from None
+    converted = _SCALARS[hint](value)
+    choices = meta.get("choices")
+    if choices is not None:
+        if isinstance(converted, str):
+            wanted = converted.strip().lower()
+            converted = next((c for c in choices if c == wanted), converted)
+        if converted not in choices:
+            raise _Invalid(f"is not allowed; choose one of: {_choice_text(choices)}")
+    bounds = meta.get("bounds")
+    if bounds and not _bounds_ok(converted, bounds):
+        raise _Invalid(f"must be {_bounds_text(bounds)}")
+    return converted
+
+
+def _check_pair(value: Any, optional: bool, meta: Any) -> list[float] | None:
+    bounds, ascending = meta.get("bounds", {}), meta.get("ascending", False)
+    if ascending:
+        low = f"{bounds['ge']:g} <= " if "ge" in bounds else f"{bounds['gt']:g} < " if "gt" in bounds else ""
+        high = f" <= {bounds['le']:g}" if "le" in bounds else ""
+        rule = f"two numbers [low, high] with {low}low < high{high}"
+    else:
+        rule = "two numbers" + (f", each {_bounds_text(bounds)}" if bounds else "")
+    rule = ("must be null or " if optional else "must be ") + rule
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Invalid(rule)
+    try:
+        numbers = [_as_float(v) for v in value]
+    except _Invalid:
+        raise _Invalid(rule) from None
+    if not all(_bounds_ok(v, bounds) for v in numbers) or (ascending and not numbers[0] < numbers[1]):
+        raise _Invalid(rule)
+    return numbers
+
+
+def validate(cfg: Config, sources: dict[str, str] | None = None) -> Config:
+    """Check (and convert in place) every value of ``cfg`` against its field; returns ``cfg``.
+
+    Raises ConfigError with one line: ``[source: ]section.key=<value> <what is allowed>``, where
+    source is where the value came from (``sources`` maps dotted keys to it) when known.
+    """
+
+    def walk(node: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            name = f"{prefix}{f.name}"
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{name}.")
+                continue
+            try:
+                setattr(node, f.name, _check(value, hints[f.name], f.metadata))
+            except _Invalid as err:
+                where = (sources or {}).get(name)
+                message = f"{name}={_show(value)} {err}"
+                if where:
+                    message = f"{where}: {message}"
+                raise ConfigError(" ".join(message.splitlines())) from None
+
+    walk(cfg, "")
+    return cfg
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str, sources: dict[str, str] | None = None) -> None:
     """Set ``section.key`` (or a top-level key) on ``cfg``; unknown names raise ConfigError."""
     parts = dotted.split(".")
     target: Any = cfg
@@ -163,9 +406,11 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: '{dotted}' is a section; give it a mapping of keys")
                 for key, sub in value.items():
-                    _set(cfg, f"{dotted}.{key}", sub, source)
+                    _set(cfg, f"{dotted}.{key}", sub, source, sources)
             else:
                 setattr(target, name, value)
+                if sources is not None:
+                    sources[dotted] = source
         else:
             target = getattr(target, name)
             if not dataclasses.is_dataclass(target):
@@ -173,26 +418,34 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a Config from defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    """Build a Config from defaults, then the YAML file at ``path``, then ``section.key=value`` overrides.
+
+    The resolved config is then validated (:func:`validate`): a bad value raises ConfigError.
+    """
     cfg = Config()
+    sources: dict[str, str] = {}
     if path:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"config file not found: {path} (pass --config with an existing YAML file, e.g. configs/demo.yaml)")
         try:
-            content = yaml.safe_load(file.read_text()) or {}
+            content = _parse(file.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for key, value in content.items():
-            _set(cfg, str(key), value, path)
+            _set(cfg, str(key), value, path, sources)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw else "", "command line")
-    return cfg
+        try:
+            value = _parse(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        _set(cfg, key.strip(), value, "command line", sources)
+    return validate(cfg, sources)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -217,8 +470,4 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config next to the outputs, so a run can be reproduced from its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -51,7 +51,8 @@ def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the demo's output readable
     out_dir = Path(out).resolve()
     tracking_uri = f"sqlite:///{out_dir / 'mlflow.db'}"
-    shared = [f"data.raw_dir={out_dir / 'raw'}", f"data.store={out_dir / 'store.zarr'}", f"tracking.uri={tracking_uri}"]
+    shared = [f"data.raw_dir={out_dir / 'raw'}", f"data.store={out_dir / 'store.zarr'}", f"tracking.uri={tracking_uri}",
+              f"output_dir={out_dir}"]  # the stages write under pretrain/ and finetune/<name>/
     cfg = load_config(config_path, [*overrides, *shared])  # fail on a bad config before any work
 
     print(f"[1/4] demo volumes from real anatomy -> {out_dir / 'raw'}", flush=True)
@@ -64,7 +65,7 @@ def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
         raise UserError("demo: preprocessing failed for some volumes (see the summary above)")
 
     print(f"[3/4] PCL pretraining with {PRETRAIN_PROCESSES} processes (torchrun, gloo)", flush=True)
-    run_pretrain_processes(config_path, [*overrides, *shared, f"output_dir={out_dir / 'pretrain'}"])
+    run_pretrain_processes(config_path, [*overrides, *shared])
     encoder_uri = f"models:/{cfg.tracking.register_name}@{cfg.tracking.alias}"
 
     print(f"[4/4] fine-tuning from {encoder_uri} and from random init", flush=True)
@@ -73,7 +74,7 @@ def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
     for labeled in (1, 2):
         for init, encoder in (("random", ""), ("pcl", encoder_uri)):
             run = copy.deepcopy(cfg)
-            run.output_dir = str(out_dir / "finetune" / f"{init}_M{labeled}")
+            run.finetune.name = f"{init}_M{labeled}"
             run.finetune.train_volumes = pool[:labeled]
             run.finetune.encoder = encoder
             run.tracking.run_name = init

@@ -1,7 +1,9 @@
 """The one place that knows where a process sits in a job: torchrun, SLURM/submitit, or a plain run.
 
 Everything else asks `DistEnv` for rank, world size and device, and uses `is_main` to decide who
-logs and saves (nanoGPT's `master_process`).
+logs and saves (nanoGPT's `master_process`). The few collectives the harness needs outside the
+model (`barrier`, `any_rank`, `all_reduce_mean`), the backend choice and the rendezvous port of a
+SLURM job live here too.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ def _slurm_master_addr() -> str:
         return "127.0.0.1"
 
 
+def default_backend(backend: str = "") -> str:
+    """``backend`` when given, else NCCL on CUDA and gloo otherwise."""
+    return backend or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def master_port(job_id: str | int) -> int:
+    """The rendezvous port of a SLURM job: a function of the job id, so every task computes the same one."""
+    return 20000 + int(str(job_id).split("_")[0]) % 20000
+
+
 def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
     """Initialise the process group when the job has more than one process; return where we are."""
     env = detect()
@@ -68,10 +80,10 @@ def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
         return env
     if env.source == "slurm":
         os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+        os.environ.setdefault("MASTER_PORT", str(master_port(os.environ.get("SLURM_JOB_ID", "0"))))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
         os.environ["LOCAL_RANK"] = str(env.local_rank)
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = default_backend(backend)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     # A bounded timeout: a rank that dies makes the others fail instead of hanging until the wall clock.
@@ -103,14 +115,41 @@ def set_threads(env: DistEnv, threads: int = 0) -> None:
     torch.set_num_threads(threads)
 
 
+def _collective_device() -> str:
+    return "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
 def all_reduce_mean(value: float) -> float:
     """Average a Python number over ranks (for logging)."""
     if not torch_dist.is_initialized():
         return value
-    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     torch_dist.all_reduce(t)
     return float(t.item()) / torch_dist.get_world_size()
+
+
+def any_rank(flag: bool) -> int:
+    """-1 when no rank raised the flag, else the lowest rank that did (every rank gets the same answer)."""
+    if not torch_dist.is_initialized():
+        return 0 if flag else -1
+    world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
+    t = torch.tensor([rank if flag else world], dtype=torch.int64, device=_collective_device())
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+    value = int(t.item())
+    return -1 if value == world else value
+
+
+def global_rank_and_world() -> tuple[int, int]:
+    """(rank, world size): from the process group when there is one, else from the environment."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    env = detect()
+    return env.rank, env.world_size
 
 
 def free_port() -> int:

@@ -1,15 +1,34 @@
-"""Whole-volume evaluation: predict every slice, stitch the volume back, score Dice per class."""
+"""Whole-volume evaluation: predict every slice, stitch the volume back, score Dice and HD95 per class.
+
+The metrics themselves (definitions and conventions for absent classes) live in `pcl_hpc.metrics`.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pcl_hpc.data.store import load_volume
+from pcl_hpc import metrics
+from pcl_hpc.data.store import load_volume, read_manifest
+from pcl_hpc.errors import UserError
+
+VOLUMES_KEY = "finetune.val_volumes / finetune.test_volumes"
+RESULT_KEYS = ("init", "labeled", "mean_per_class", "mean", "class_names")  # what format_table and the CLI read
+
+
+class LabeledVolume(NamedTuple):
+    """One scored volume as `load_labeled` returns it; spacing is in mm, (z, y, x) like the arrays."""
+
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
 
 
 @torch.no_grad()
@@ -28,52 +47,163 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, device: torch.devi
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
-    """Volume Dice for classes 1..num_classes; a class absent from both gets 1.0 (nothing to find, nothing found)."""
-    scores = []
-    for c in range(1, num_classes + 1):
-        p, t = pred == c, label == c
-        denom = p.sum() + t.sum()
-        scores.append(1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom))
-    return scores
+    """Volume Dice for classes 1..num_classes; a class absent from both gets 1.0 (see `pcl_hpc.metrics`)."""
+    return metrics.dice_per_class(pred, label, num_classes)
 
 
-def load_labeled(store: str, volumes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{volume id: (image, label)}: read once, then scored as often as needed (e.g. every epoch)."""
-    return {vid: load_volume(store, vid)[:2] for vid in volumes}
+def _spacing(store: str | Path, vid: str, attrs: dict) -> tuple[float, float, float]:
+    spacing = attrs.get("spacing")
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
+        raise UserError(f"volume {vid!r} in store {store} has no valid 'spacing' attr (got {spacing!r}); "
+                        "re-run `pcl-hpc preprocess` into a new store to write it")
+    return values  # type: ignore[return-value]
+
+
+def _no_label(store: str | Path, vid: str, key: str) -> UserError:
+    try:
+        labeled = [v["id"] for v in read_manifest(store)["volumes"] if v["labeled"]]
+    except UserError:
+        labeled = []
+    listed = ", ".join(labeled[:8]) + (", ..." if len(labeled) > 8 else "") if labeled else "none"
+    return UserError(f"volume {vid!r} in store {store} has no label: {key} must name labeled volumes "
+                     f"(labeled ones: {listed})")
+
+
+def load_labeled(store: str, volumes: list[str], *, key: str = VOLUMES_KEY) -> dict[str, LabeledVolume]:
+    """{volume id: LabeledVolume(image, label, spacing)}: read once, then scored as often as needed.
+
+    A volume without a label is a UserError naming it (``key`` names the setting that listed it)."""
+    manifest = read_manifest(store)
+    listed = {v["id"]: bool(v.get("labeled")) for v in manifest["volumes"]}
+    for vid in volumes:  # fail before reading any array
+        if listed.get(vid) is False:
+            raise _no_label(store, vid, key)
+    loaded = {}
+    for vid in volumes:
+        image, label, attrs = load_volume(store, vid)
+        if label is None:
+            raise _no_label(store, vid, key)
+        loaded[vid] = LabeledVolume(image, label, _spacing(store, vid, attrs))
+    return loaded
+
+
+def check_num_classes(store: str | Path, num_classes: int,
+                      volumes: Mapping[str, Sequence] | Sequence[str] | None = None,
+                      *, key: str = "finetune.num_classes") -> None:
+    """UserError unless ``num_classes`` fits the store and the volumes.
+
+    Checks that the manifest's ``class_names`` (background first), when present, has exactly
+    ``num_classes`` foreground classes, and that no label in ``volumes`` has a value above
+    ``num_classes``. ``volumes`` is `load_labeled`'s result (or any {vid: (image, label, ...)}),
+    or a list of volume ids (then their labels are read from the store), or None (manifest only)."""
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise UserError(f"{key}={num_classes} must be >= 1 (the number of foreground classes)")
+    names = (read_manifest(store).get("class_names") or [])[1:]
+    if names and len(names) != num_classes:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise UserError(f"{key}={num_classes} but store {store} has {len(names)} foreground classes "
+                        f"({shown}); set {key}={len(names)}")
+    if volumes is None:
+        return
+    labels = ((vid, item[1]) for vid, item in volumes.items()) if isinstance(volumes, Mapping) \
+        else ((vid, load_volume(store, vid)[1]) for vid in volumes)
+    for vid, label in labels:
+        if label is None:
+            raise _no_label(store, vid, VOLUMES_KEY)
+        top = int(np.max(label)) if np.size(label) else 0
+        if top > num_classes:
+            raise UserError(f"{key}={num_classes} but volume {vid!r} in store {store} has label values up to "
+                            f"{top}; set {key}={top}")
 
 
 def evaluate_volumes(model: torch.nn.Module, store: str, volumes: list[str], num_classes: int,
                      device: torch.device) -> dict:
-    """Dice per class per volume and the mean over volumes, reading the volumes from the store."""
+    """Dice and HD95 per class per volume and their means over volumes, reading the volumes from the store."""
     return score_volumes(model, load_labeled(store, volumes), num_classes, device)
 
 
-def score_volumes(model: torch.nn.Module, loaded: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
+def _mean_present(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def score_volumes(model: torch.nn.Module, loaded: Mapping[str, Sequence], num_classes: int,
                   device: torch.device) -> dict:
-    """Dice per class per volume of `load_labeled`'s volumes, and the mean over volumes."""
-    per_volume = {vid: dice_per_class(predict_volume(model, image, device), label, num_classes)
-                  for vid, (image, label) in loaded.items()}
+    """Scores of `load_labeled`'s volumes (an (image, label) pair without spacing gets HD95 None).
+
+    Returns ``per_volume`` (vid -> Dice per class 1..num_classes), ``mean_per_class`` (Dice over
+    volumes), ``mean`` (over volumes and classes), ``hd95_mm_per_volume`` (vid -> HD95 per class in
+    mm, None where a class is in only one of prediction and label) and ``mean_hd95_mm_per_class``
+    (mean over the volumes where it is present, None where it is in none)."""
+    per_volume, hd95 = {}, {}
+    for vid, item in loaded.items():
+        image, label = item[0], item[1]
+        spacing = item[2] if len(item) > 2 else None
+        pred = predict_volume(model, image, device)
+        if spacing is None:
+            per_volume[vid] = metrics.dice_per_class(pred, label, num_classes)
+            hd95[vid] = [None] * num_classes
+        else:
+            scores = metrics.volume_metrics(pred, label, spacing, num_classes)
+            per_volume[vid], hd95[vid] = scores["dice"], scores["hd95_mm"]
+    if not per_volume:
+        nan = float("nan")
+        return {"per_volume": {}, "mean_per_class": [nan] * num_classes, "mean": nan,
+                "hd95_mm_per_volume": {}, "mean_hd95_mm_per_class": [None] * num_classes}
     scores = np.array(list(per_volume.values()))
-    return {"per_volume": per_volume, "mean_per_class": scores.mean(0).tolist(), "mean": float(scores.mean())}
+    return {"per_volume": per_volume, "mean_per_class": scores.mean(0).tolist(), "mean": float(scores.mean()),
+            "hd95_mm_per_volume": hd95,
+            "mean_hd95_mm_per_class": [_mean_present([v[c] for v in hd95.values()]) for c in range(num_classes)]}
 
 
-def format_table(rows: list[dict], class_names: list[str]) -> str:
-    """Markdown table: one row per fine-tuned model, one column per class, then the mean Dice."""
+def format_table(rows: list[dict], class_names: list[str], metric: str = "dice") -> str:
+    """Markdown table: one row per fine-tuned model, one column per class, then the mean.
+
+    ``metric``: "dice" (``mean_per_class``, ``mean``) or "hd95_mm" (``mean_hd95_mm_per_class``; the
+    mean is over the classes that have a value, '-' marks a missing one)."""
+    if metric not in ("dice", "hd95_mm"):
+        raise ValueError(f"metric must be 'dice' or 'hd95_mm', got {metric!r}")
     head = ["init", "M"] + class_names + ["mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["init"], str(row["labeled"])] + [f"{d:.3f}" for d in row["mean_per_class"]] + [f"{row['mean']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        if metric == "dice":
+            values, mean, fmt = row["mean_per_class"], row["mean"], "{:.3f}"
+        else:
+            values = row.get("mean_hd95_mm_per_class") or [None] * len(class_names)
+            mean, fmt = _mean_present(values), "{:.2f}"
+        cells = [str(row["init"]), str(row["labeled"])] + ["-" if v is None else fmt.format(v) for v in values]
+        lines.append("| " + " | ".join(cells + ["-" if mean is None else fmt.format(mean)]) + " |")
     return "\n".join(lines)
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """The results.json files written by finetune; a missing, unreadable or invalid one is a UserError naming it."""
+    hint = "pass results.json files written by `pcl-hpc finetune` (<output_dir>/results.json)"
+    rows = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise UserError(f"results file {path} not found; {hint}")
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"results file {path} cannot be read ({err.__class__.__name__}: {err}); {hint}") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"results file {path} is not valid JSON ({err}); {hint}") from None
+        missing = [k for k in RESULT_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UserError(f"results file {path} is not a finetune results file (missing {', '.join(missing)}); {hint}")
+        rows.append(row)
+    return rows
 
 
 def evaluate_model(cfg, model_path: str | None) -> dict:
-    """`pcl-hpc evaluate --model model.pt`: Dice of a fine-tuned model on cfg.finetune.test_volumes."""
-    from pcl_hpc.errors import UserError
+    """`pcl-hpc evaluate --model model.pt`: Dice and HD95 of a fine-tuned model on cfg.finetune.test_volumes."""
     from pcl_hpc.models.unet import build_unet
 
     if not model_path or not Path(model_path).is_file():
@@ -86,10 +216,11 @@ def evaluate_model(cfg, model_path: str | None) -> dict:
     except (RuntimeError, OSError, EOFError) as err:
         raise UserError(f"evaluate: {model_path} does not fit model.width={cfg.model.width}, "
                         f"finetune.num_classes={cfg.finetune.num_classes} ({str(err).splitlines()[0]})") from None
-    result = evaluate_volumes(model, cfg.data.store, cfg.finetune.test_volumes, cfg.finetune.num_classes, torch.device("cpu"))
-    from pcl_hpc.data.store import read_manifest
-
+    loaded = load_labeled(cfg.data.store, cfg.finetune.test_volumes, key="finetune.test_volumes")
+    check_num_classes(cfg.data.store, cfg.finetune.num_classes, loaded)
+    result = score_volumes(model, loaded, cfg.finetune.num_classes, torch.device("cpu"))
     names = (read_manifest(cfg.data.store).get("class_names") or [])[1:]
     names = names if len(names) == cfg.finetune.num_classes else [f"class{c}" for c in range(1, cfg.finetune.num_classes + 1)]
-    print(format_table([{"init": str(model_path), "labeled": "-", **result}], names))
+    row = {"init": str(model_path), "labeled": "-", **result}
+    print("Dice\n" + format_table([row], names) + "\n\nHD95 (mm)\n" + format_table([row], names, metric="hd95_mm"))
     return result

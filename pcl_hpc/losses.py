@@ -253,3 +253,18 @@ def contrastive_loss(
     ]
     return torch.cat(losses).mean()
 
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fine-tuning's loss: cross-entropy plus soft Dice over the foreground classes (as in the PCL code).
+
+    ``logits`` (N, C, H, W) with C = foreground classes + 1, ``labels`` (N, H, W) integer class ids.
+    """
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, labels)
+    probs = logits.softmax(1)[:, 1:]
+    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    inter = (probs * onehot).sum((0, 2, 3))
+    dice = (2 * inter + 1e-5) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1e-5)
+    return ce + (1 - dice.mean())

@@ -5,6 +5,7 @@
 * :func:`build_optimizer`: ``sgd`` (momentum, weight decay on every parameter, as in the PCL paper)
   or ``lars`` (:class:`LARS`, You et al. 2017, the usual choice for contrastive training at global
   batches of thousands: SimCLR, BYOL, Barlow Twins).
+* :func:`build_finetune_optimizer`: fine-tuning's Adam.
 * :func:`build_schedule`: per-step linear warm-up then cosine decay to 0
   (:class:`WarmupCosineLR`, a real ``LRScheduler`` whose state_dict makes a resume exact).
 
@@ -153,6 +154,12 @@ def build_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Opt
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters")
     return LARS(groups, lr=lr, momentum=cfg.momentum, eta=LARS_ETA)
+
+
+def build_finetune_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """Fine-tuning's optimizer (``cfg`` a FinetuneConfig): Adam at ``cfg.lr`` with ``cfg.weight_decay``,
+    as the PCL fine-tuning code; its schedule is :func:`build_schedule` (cosine to 0, no warm-up)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -536,7 +536,7 @@ def test_worker_augmentation_equals_trainer_augmentation(built, labeled):
 
 def test_augment_on_choice():
     from pcl_hpc.config import DataConfig
-    from pcl_hpc.train.common import augment_in_workers
+    from pcl_hpc.data.augment import augment_in_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert augment_in_workers(DataConfig(num_workers=2), cpu)

@@ -32,6 +32,6 @@ def test_two_nodes_c10d_rendezvous_train_one_job(demo_store, tmp_path):
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert "on 2 process(es)" in "".join(outputs)
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2]
-    assert (tmp_path / "run" / "encoder.pt").is_file()
+    assert (tmp_path / "run" / "pretrain" / "encoder.pt").is_file()

@@ -39,7 +39,7 @@ def pretrain(store, out, db, strategy, extra=(), env=None, max_restarts=0):
 
 
 def final_weights(out, strategy):
-    folder = latest_checkpoint(out)
+    folder = latest_checkpoint(out / "pretrain")
     assert folder is not None and folder.name == f"step_{STEPS:09d}"
     if strategy == "ddp":
         return torch.load(folder / "train_state.pt", weights_only=True)["model"]
@@ -51,13 +51,13 @@ def assert_identical(a, b, out_a, out_b):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
-    enc_a = torch.load(out_a / "encoder.pt", weights_only=True)
-    enc_b = torch.load(out_b / "encoder.pt", weights_only=True)
+    enc_a = torch.load(out_a / "pretrain" / "encoder.pt", weights_only=True)
+    enc_b = torch.load(out_b / "pretrain" / "encoder.pt", weights_only=True)
     assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
 
 
 def logged_steps(out):
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ddp_kill_and_torchrun_restart_is_exact(demo_store, tmp_path, mlflow_db):
@@ -73,7 +73,7 @@ def test_ddp_kill_and_torchrun_restart_is_exact(demo_store, tmp_path, mlflow_db)
     assert_identical(final_weights(tmp_path / "a", "ddp"), final_weights(tmp_path / "b", "ddp"),
                      tmp_path / "a", tmp_path / "b")
     # keep=3 by default: steps 2 and 4 are both kept, and `latest` names the last
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step_*")) == \
+    assert sorted(p.name for p in (tmp_path / "b" / "pretrain" / "checkpoints").glob("step_*")) == \
         ["step_000000002", "step_000000004"]
 
 
@@ -85,8 +85,8 @@ def test_deepspeed_signal_requeue_and_resume_is_exact(demo_store, tmp_path, mlfl
     stopped = pretrain(demo_store, tmp_path / "b", mlflow_db, "deepspeed", extra, env={"PCL_HPC_FAULT": "signal:1:1"})
     log = stopped.stdout + stopped.stderr
     assert stopped.returncode != 0 and f"exitcode  : {REQUEUE_EXIT_CODE}" in log, log[-4000:]
-    assert latest_checkpoint(tmp_path / "b").name == "step_000000002"
-    assert not (tmp_path / "b" / "encoder.pt").exists()
+    assert latest_checkpoint(tmp_path / "b" / "pretrain").name == "step_000000002"
+    assert not (tmp_path / "b" / "pretrain" / "encoder.pt").exists()
     resumed = pretrain(demo_store, tmp_path / "b", mlflow_db, "deepspeed", extra)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
@@ -120,11 +120,11 @@ def test_finetune_preempted_then_resumed_matches_straight_run(demo_store, tmp_pa
     monkeypatch.setattr(ft, "score_volumes", validate_then_signal)  # the per-epoch validation
     with pytest.raises(Preempted) as stop:
         ft.finetune(config(tmp_path / "b"))
-    assert stop.value.code == REQUEUE_EXIT_CODE and not (tmp_path / "b" / "model.pt").exists()
+    assert stop.value.code == REQUEUE_EXIT_CODE and not (tmp_path / "b" / "finetune" / "random_M1" / "model.pt").exists()
     monkeypatch.undo()
     resumed = ft.finetune(config(tmp_path / "b"))
     for name in ("model_last.pt", "model.pt"):
-        a = torch.load(tmp_path / "a" / name, weights_only=True)
-        b = torch.load(tmp_path / "b" / name, weights_only=True)
+        a = torch.load(tmp_path / "a" / "finetune" / "random_M1" / name, weights_only=True)
+        b = torch.load(tmp_path / "b" / "finetune" / "random_M1" / name, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert resumed["mean"] == straight["mean"] and resumed["best_val_dice"] == straight["best_val_dice"]

@@ -12,7 +12,7 @@ from pcl_hpc.config import load_config
 from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
 from pcl_hpc.losses import contrastive_loss
 from pcl_hpc.models.unet import build_pretrain_net
-from pcl_hpc.train.common import seed_everything
+from pcl_hpc.engine.harness import seed_everything
 from pcl_hpc.train.pretrain import pretrain_volumes
 from tests.conftest import REPO
 
@@ -21,7 +21,7 @@ BATCH = 4
 
 def overrides(store, out, **extra):
     values = {
-        "data.store": store, "data.patch": 32, "output_dir": out / "pretrain", "model.width": 4,
+        "data.store": store, "data.patch": 32, "output_dir": out, "model.width": 4,
         "pretrain.max_steps": 2, "pretrain.batch_size": BATCH, "pretrain.log_every": 1, "pretrain.augment": "false",
         "tracking.uri": f"sqlite:///{out / 'mlflow.db'}", "tracking.register_name": "test-encoder",
         "engine.precision": "fp32", **extra,  # fp32: the loss is compared with an fp32 recomputation
@@ -97,7 +97,8 @@ def finetune_config(cfg, out, encoder):
     run = load_config(str(REPO / "configs" / "demo.yaml"), [
         f"data.store={cfg.data.store}", "data.patch=32", "model.width=4", f"tracking.uri={cfg.tracking.uri}",
         f"output_dir={out}", f"finetune.encoder={encoder}", "finetune.epochs=1", "finetune.batch_size=8",
-        "finetune.train_volumes=[dk01]", "finetune.val_volumes=[dk04]", "finetune.test_volumes=[dk05]"])
+        "finetune.train_volumes=[dk01]", "finetune.val_volumes=[dk04]", "finetune.test_volumes=[dk05]",
+        "finetune.name=run"])
     return run
 
 
@@ -118,7 +119,7 @@ def test_finetune_from_registry_records_lineage(two_process_run, tmp_path):
     result = finetune(finetune_config(cfg, tmp_path / "ft", uri))
     assert len(result["mean_per_class"]) == 3 and 0.0 <= result["mean"] <= 1.0
     assert list(result["per_volume"]) == ["dk05"]
-    model = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
+    model = torch.load(tmp_path / "ft" / "finetune" / "run" / "model.pt", weights_only=True)
     encoder = torch.load(out / "pretrain" / "encoder.pt", weights_only=True)
     assert set(f"encoder.{k}" for k in encoder) <= set(model)
     mlflow.set_tracking_uri(cfg.tracking.uri)
@@ -133,7 +134,7 @@ def test_finetune_from_path_loads_the_encoder(two_process_run, tmp_path):
     """With lr=0 the fine-tuned encoder's weights must be exactly the pretrained ones from encoder.pt."""
     out, cfg = two_process_run
     encoder, _ = finetune_from_encoder_file(out, cfg, tmp_path / "ft", lr=0.0)
-    model = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
+    model = torch.load(tmp_path / "ft" / "finetune" / "run" / "model.pt", weights_only=True)
     weights = [k for k in encoder if k.endswith("weight")]
     assert weights and all(torch.equal(model[f"encoder.{k}"], encoder[k]) for k in weights)
 
@@ -148,10 +149,10 @@ def test_evaluate_command_scores_a_finetuned_model(two_process_run, tmp_path, ca
     capsys.readouterr()
     args = [f"data.store={cfg.data.store}", "model.width=4", "finetune.test_volumes=[dk05]"]
     assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--model",
-                 str(tmp_path / "ft" / "model.pt"), *args]) == 0
+                 str(tmp_path / "ft" / "finetune" / "run" / "model.pt"), *args]) == 0
     table = capsys.readouterr().out
     assert f"{result['mean']:.3f}" in table  # the same Dice as fine-tuning reported on its test volume
-    assert main(["evaluate", "--results", str(tmp_path / "ft" / "results.json")]) == 0
+    assert main(["evaluate", "--results", str(tmp_path / "ft" / "finetune" / "run" / "results.json")]) == 0
     assert "| random | 1 |" in capsys.readouterr().out
     assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--model",
                  str(tmp_path / "missing.pt"), *args]) == 2
@@ -178,7 +179,7 @@ def test_finetune_frozen_encoder_epochs(two_process_run, tmp_path):
     """finetune.freeze_encoder_epochs: the encoder's weights stay the pretrained ones while the decoder learns."""
     out, cfg = two_process_run
     encoder, run = finetune_from_encoder_file(out, cfg, tmp_path / "ft", freeze_encoder_epochs=1)
-    last = torch.load(tmp_path / "ft" / "model_last.pt", weights_only=True)
+    last = torch.load(tmp_path / "ft" / "finetune" / "run" / "model_last.pt", weights_only=True)
     convs = [k for k in encoder if k.endswith("weight") and encoder[k].dim() == 4]
     assert convs and all(torch.equal(last[f"encoder.{k}"], encoder[k]) for k in convs)
     from pcl_hpc.models.unet import build_unet

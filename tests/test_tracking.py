@@ -43,7 +43,7 @@ def _unique(prefix: str) -> str:
 
 
 def _cfg(tmp_path: Path, uri: str = "") -> Config:
-    cfg = Config(output_dir=str(tmp_path / "demo" / "pretrain"))
+    cfg = Config(output_dir=str(tmp_path / "demo"))
     cfg.tracking.uri = uri
     cfg.tracking.experiment = _unique("exp")
     return cfg
@@ -73,10 +73,8 @@ def _fallback_records(cfg: Config) -> list[dict]:
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
-    cfg = Config(output_dir=str(tmp_path / "demo" / "pretrain"))
+    cfg = Config(output_dir=str(tmp_path / "demo"))  # the experiment's folder: every stage shares its db
     assert resolve_tracking_uri(cfg) == f"sqlite:///{(tmp_path / 'demo' / 'mlflow.db').resolve()}"
-    finetune = Config(output_dir=str(tmp_path / "demo" / "finetune"))
-    assert resolve_tracking_uri(finetune) == resolve_tracking_uri(cfg)  # one db per demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert resolve_tracking_uri(cfg) == "http://127.0.0.1:5999"
     cfg.tracking.uri = "http://127.0.0.1:6000"
@@ -288,9 +286,8 @@ def test_default_sqlite_store_without_server(tmp_path, monkeypatch):
     assert register_encoder(state, cfg.model, "pcl-encoder", cfg.tracking.alias, run_id=run_id) == "1"
     tracker.end()
 
-    # the finetune stage of the same demo sees the same store and registry
-    finetune = Config(output_dir=str(tmp_path / "demo" / "finetune"))
-    assert resolve_tracking_uri(finetune) == tracker.uri
+    # the finetune stage of the same experiment sees the same store and registry
+    assert resolve_tracking_uri(Config(output_dir=str(tmp_path / "demo"))) == tracker.uri
     _assert_same(load_encoder_state("models:/pcl-encoder@candidate"), state)
     client = MlflowClient(tracker.uri)
     assert client.get_run(run_id).data.metrics["loss"] == 0.25

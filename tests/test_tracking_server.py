@@ -61,7 +61,7 @@ def _unique(prefix: str) -> str:
 
 def _args(store: str, out: Path, uri: str, experiment: str, name: str, **extra) -> list[str]:
     values = {
-        "data.store": store, "data.patch": 32, "output_dir": out / "pretrain", "model.width": 4,
+        "data.store": store, "data.patch": 32, "output_dir": out, "model.width": 4,
         "pretrain.max_steps": 3, "pretrain.batch_size": 4, "pretrain.log_every": 1, "pretrain.augment": "false",
         "tracking.uri": uri, "tracking.experiment": experiment, "tracking.register_name": name, **extra,
     }

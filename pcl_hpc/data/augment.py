@@ -243,3 +243,16 @@ class BatchAugment:
             batch["image"], lab = augment_pair(image, label.long(), generator, self.elastic)
             batch["label"] = lab.to(label.dtype)
         return batch
+
+
+def augment_in_workers(data, device: torch.device) -> bool:
+    """Where batches are augmented (``data.augment_on``, a DataConfig field): ``auto`` picks the loader
+    workers when training on a CPU with workers (its cores are the accelerator: each worker reads and
+    augments a whole batch), else the training device (a GPU augments a batch in well under a millisecond)."""
+    from pcl_hpc.errors import UserError
+
+    if data.augment_on not in ("auto", "workers", "device"):
+        raise UserError(f"data.augment_on={data.augment_on!r} is not one of auto, workers, device")
+    if data.augment_on == "auto":
+        return device.type == "cpu" and data.num_workers > 0
+    return data.augment_on == "workers"

@@ -26,6 +26,7 @@ import re
 import secrets
 from pathlib import Path
 
+from pcl_hpc.atomic import atomic_path
 from pcl_hpc.data import layouts
 from pcl_hpc.data import store as zstore
 from pcl_hpc.errors import UserError
@@ -55,12 +56,10 @@ def hashed_id(key: bytes, vid: str) -> str:
 
 def _write_private(path: Path, text: str) -> None:
     """Write a file readable by its owner only (replacing it atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path, mode=0o600) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
 
 
 def load_id_key(store_path: str) -> bytes:

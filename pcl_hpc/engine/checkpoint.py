@@ -1,9 +1,9 @@
 """Checkpoints that survive preemption: atomic, a stable `latest` pointer, the last K kept, exact resume.
 
-Layout under ``<output_dir>/checkpoints/``::
+Layout under ``<stage folder>/checkpoints/`` (e.g. ``<output_dir>/pretrain/checkpoints/``)::
 
     step_000000100/
-        meta.json            step, micro-batches, strategy, world size, architecture, run id, config
+        meta.json            format, step, strategy, world size, architecture, train state, config
         train_state.pt       DDP: model, optimizer, schedule            (or deepspeed/: DeepSpeed's files)
         rank00000.pt ...     per rank: RNG states (torch, CUDA, numpy, random, augmentation), sampler
     latest                   text file naming the newest complete folder (replaced atomically)
@@ -25,15 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 
+from pcl_hpc import dist
+from pcl_hpc.atomic import save_torch, write_text
 from pcl_hpc.engine.strategy import Strategy
 from pcl_hpc.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"  # the requeue hook and the resume both look for <output_dir>/checkpoints/latest
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the train state is one object, meta["train"] (pcl_hpc.engine.harness.TrainState)
 
 
 class CheckpointError(UserError):
@@ -83,24 +84,6 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
-
-
-def _any_rank(flag: bool) -> int:
-    """-1 when no rank raised the flag, else the lowest rank that did (every rank gets the same answer)."""
-    if not torch_dist.is_initialized():
-        return 0 if flag else -1
-    world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
-    t = torch.tensor([rank if flag else world], dtype=torch.int64)
-    if torch_dist.get_backend() == "nccl":
-        t = t.cuda()
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
-    value = int(t.item())
-    return -1 if value == world else value
-
-
 class Checkpointer:
     """Saves and restores a run: strategy state (every rank), per-rank state, shared metadata (rank 0)."""
 
@@ -123,24 +106,20 @@ class Checkpointer:
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        dist.barrier()
         self.strategy.save(tmp)
-        from pcl_hpc.train.common import save_atomic
-
-        save_atomic(rank_state, tmp / f"rank{self.env.rank:05d}.pt")
-        _barrier()
+        save_torch(rank_state, tmp / f"rank{self.env.rank:05d}.pt")
+        dist.barrier()
         if self.env.is_main:
             record = {"format": FORMAT_VERSION, "step": step, "strategy": self.strategy.name,
                       "world_size": self.env.world_size, "architecture": architecture(self.strategy.module), **meta}
-            (tmp / META_FILE).write_text(json.dumps(record, indent=1, default=str))
+            write_text(tmp / META_FILE, json.dumps(record, indent=1, default=str))
             if final.exists():  # left by an earlier attempt that did not get to move `latest` here
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer = self.root / f".{LATEST_FILE}.tmp"
-            pointer.write_text(name + "\n")
-            os.replace(pointer, self.root / LATEST_FILE)
+            write_text(self.root / LATEST_FILE, name + "\n")
             self._prune(keep=name)
-        _barrier()
+        dist.barrier()
         return final
 
     def _prune(self, keep: str) -> None:
@@ -180,7 +159,7 @@ class Checkpointer:
             aside = self.root.with_name(f"{CHECKPOINT_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(self.root, aside)
             print(f"--no-resume: previous checkpoints moved to {aside}", flush=True)
-        _barrier()
+        dist.barrier()
 
     def load(self, folder: Path, generator: torch.Generator | None = None) -> tuple[dict, dict]:
         """Restore the strategy state and this rank's RNGs; returns (meta, this rank's state).
@@ -193,11 +172,13 @@ class Checkpointer:
         error, meta, rank_state = None, {}, {}
         try:
             meta = json.loads((folder / META_FILE).read_text())
-            mine = {"strategy": self.strategy.name, "world_size": self.env.world_size,
+            mine = {"format": FORMAT_VERSION, "strategy": self.strategy.name, "world_size": self.env.world_size,
                     "architecture": architecture(self.strategy.module)}
             for key, value in mine.items():
                 if meta.get(key) != value:
-                    what = {"architecture": "another network (model.* differs)"}.get(key, f"{key}={meta.get(key)}")
+                    what = {"architecture": "another network (model.* differs)",
+                            "format": f"another version of pcl-hpc (checkpoint format {meta.get(key)})"
+                            }.get(key, f"{key}={meta.get(key)}")
                     raise CheckpointError(f"checkpoint {folder} was written by {what}, but this run has "
                                           f"{key}={value}; {hint}")
             self.strategy.load(folder)
@@ -208,7 +189,7 @@ class Checkpointer:
             error = str(err)
         except Exception as err:  # noqa: BLE001 - truncated zip, missing keys, shape mismatch, ...
             error = f"checkpoint {folder} cannot be loaded ({type(err).__name__}: {' '.join(str(err).split())[:300]}); {hint}"
-        failed = _any_rank(error is not None)
+        failed = dist.any_rank(error is not None)
         if failed >= 0:
             raise CheckpointError(error or f"rank {failed} could not load checkpoint {folder}; {hint}")
         return meta, rank_state

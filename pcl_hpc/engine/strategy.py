@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pcl_hpc.atomic import save_torch
 from pcl_hpc.config import Config
-from pcl_hpc.dist import DistEnv
+from pcl_hpc.dist import DistEnv, default_backend
 from pcl_hpc.errors import UserError
 
 STRATEGIES = ("ddp", "deepspeed")
@@ -156,9 +157,7 @@ class DDPStrategy(Strategy):
 
     def save(self, folder):
         if self.env.is_main:
-            from pcl_hpc.train.common import save_atomic
-
-            save_atomic({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            save_torch({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "schedule": self.schedule.state_dict()}, Path(folder) / TRAIN_STATE_FILE)
 
     def load(self, folder):
@@ -218,7 +217,7 @@ class DeepSpeedStrategy(Strategy):
                 from pcl_hpc.dist import free_port
 
                 os.environ["MASTER_PORT"] = str(free_port())
-        deepspeed.init_distributed(dist_backend=self.cfg.engine.backend or ("nccl" if self.device.type == "cuda" else "gloo"),
+        deepspeed.init_distributed(dist_backend=default_backend(self.cfg.engine.backend),
                                    auto_mpi_discovery=False)
         self._micro_batch = micro_batch
         # Parameters stay contiguous (DeepSpeed flattens and broadcasts them as bytes); channels_last

@@ -1,8 +1,8 @@
 """MLflow experiment tracking and the encoder model registry.
 
 * :func:`resolve_tracking_uri` picks where runs go: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``,
-  else a sqlite file next to the output folder (``<output_dir>/../mlflow.db``), so the pretrain and
-  finetune runs of one demo share a database and its registry without any server.
+  else a sqlite file in the experiment's folder (``<output_dir>/mlflow.db``), so the pretrain and
+  finetune runs of one experiment share a database and its registry without any server.
   ``tools/mlflow_server.sh`` starts a shared server (127.0.0.1, sqlite, artifact folder).
 * :class:`Tracker` logs one run from global rank 0 only (other ranks: no-ops, no ghost runs). It
   adds :func:`standard_tags` (git commit, world size, SLURM ids), logs the params in batches

@@ -310,17 +310,26 @@ def _local_encoder_file(source: str) -> Path:
     return path
 
 
-def load_encoder_state(source: str) -> dict[str, torch.Tensor]:
+def _use_uri(tracking_uri: str | None) -> None:
+    if tracking_uri:
+        from pcl_hpc.tracking.tracker import use_tracking_uri
+
+        use_tracking_uri(tracking_uri)
+
+
+def load_encoder_state(source: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
     """The encoder state_dict from ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a path.
 
-    Registry sources are downloaded with the current tracking/registry URI. The weights are always
-    read with ``torch.load(..., weights_only=True)``: no code is ever unpickled.
+    Registry sources are looked up at ``tracking_uri`` (default: the current tracking/registry URI).
+    The weights are always read with ``torch.load(..., weights_only=True)``: no code is ever unpickled.
     """
     if not source:
         raise UserError("no encoder given: pass a path to encoder.pt or models:/<name>@<alias>")
     if not source.startswith("models:/"):
         return _load_weights(_local_encoder_file(source), source)
     import mlflow
+
+    _use_uri(tracking_uri)
 
     name, mv = _resolve_version(source)
     with tempfile.TemporaryDirectory(prefix="pcl-encoder-") as tmp:
@@ -336,7 +345,7 @@ def load_encoder_state(source: str) -> dict[str, torch.Tensor]:
         return _load_weights(Path(local), source)
 
 
-def encoder_lineage(source: str) -> dict:
+def encoder_lineage(source: str, tracking_uri: str | None = None) -> dict:
     """Where an encoder came from, for the finetune run's params/tags.
 
     ``models:/`` URIs: ``{"encoder_name", "encoder_version", "encoder_run_id"}``; a path:
@@ -345,6 +354,7 @@ def encoder_lineage(source: str) -> dict:
     if not source:
         return {}
     if source.startswith("models:/"):
+        _use_uri(tracking_uri)
         name, mv = _resolve_version(source)
         return {"encoder_name": name, "encoder_version": str(mv.version), "encoder_run_id": mv.run_id or ""}
     return {"encoder_path": str(Path(source).expanduser().absolute())}

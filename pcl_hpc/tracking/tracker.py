@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 
+from pcl_hpc import dist
+from pcl_hpc.atomic import save_torch
 from pcl_hpc.config import Config, ModelConfig
 from pcl_hpc.tracking._common import (
     FALLBACK_FILE,
@@ -52,13 +53,14 @@ _latest_tracker: "Tracker | None" = None  # the last started Tracker (register_e
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
-    """``cfg.tracking.uri``; else ``$MLFLOW_TRACKING_URI``; else ``sqlite:///<abs output_dir/..>/mlflow.db``."""
+    """``cfg.tracking.uri``; else ``$MLFLOW_TRACKING_URI``; else ``sqlite:///<abs output_dir>/mlflow.db``
+    (one database per experiment folder, shared by its stages)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     env = os.environ.get("MLFLOW_TRACKING_URI", "")
     if env:
         return env
-    db = (Path(cfg.output_dir).expanduser().absolute().parent / "mlflow.db").resolve()
+    db = (Path(cfg.output_dir).expanduser().absolute() / "mlflow.db").resolve()
     return f"sqlite:///{db}"
 
 
@@ -93,34 +95,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _global_rank() -> int:
-    """This process's global rank: torch.distributed if initialised, else torchrun's / SLURM's variables."""
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank()
-    from pcl_hpc.dist import detect
-
-    return detect().rank
-
-
-def _world_size() -> int:
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_world_size()
-    from pcl_hpc.dist import detect
-
-    return detect().world_size
-
-
 def standard_tags() -> dict[str, str]:
     """Tags every run gets from :meth:`Tracker.start`: code version, job size and the SLURM job.
 
     ``git_commit``, ``world_size`` and, when set, ``slurm_job_id``, ``slurm_array_job_id``,
     ``slurm_array_task_id``, ``slurm_restart_count``. No host names or user names.
     """
-    tags = {"git_commit": git_commit(), "world_size": str(_world_size())}
+    tags = {"git_commit": git_commit(), "world_size": str(dist.global_rank_and_world()[1])}
     for var in SLURM_TAG_VARS:
         value = os.environ.get(var, "")
         if value:
@@ -169,11 +150,12 @@ class Tracker:
     system_metrics: bool | None = None  # None: $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING if set, else on
     system_metrics_interval_s: float = 30.0
 
-    def __init__(self, cfg: Config, enabled: bool):
+    def __init__(self, cfg: Config, enabled: bool, folder: str | Path | None = None):
+        """``folder``: the stage's output folder, where the fallback file goes (default ``cfg.output_dir``)."""
         self.cfg = cfg
         self.enabled = bool(enabled)
-        if self.enabled and _global_rank() != 0:
-            log.warning("tracking: Tracker(enabled=True) on rank %d; only rank 0 logs to MLflow", _global_rank())
+        if self.enabled and dist.global_rank_and_world()[0] != 0:
+            log.warning("tracking: Tracker(enabled=True) on rank %d; only rank 0 logs to MLflow", dist.global_rank_and_world()[0])
             self.enabled = False
         retry = os.environ.get("PCL_TRACKING_RETRY_S", "")
         if retry:
@@ -182,7 +164,7 @@ class Tracker:
             except ValueError:
                 log.warning("tracking: PCL_TRACKING_RETRY_S=%r is not a number of seconds; using %s", retry, self.retry_interval_s)
         self.uri: str | None = None
-        self.fallback_path = Path(cfg.output_dir) / FALLBACK_FILE
+        self.fallback_path = Path(folder or cfg.output_dir) / FALLBACK_FILE
         self.session = uuid.uuid4().hex  # groups this process's lines in the fallback file
         self._client = None
         self._run_id: str | None = None
@@ -431,10 +413,7 @@ class Tracker:
         safe = re.sub(r"[^\w\-.]", "_", name)
         path = folder / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{self.session[:6]}.pt"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)
+            save_torch(state, path)
         except OSError as err:
             log.warning("tracking: cannot keep the unregistered encoder in %s: %s", folder, err)
             return None
