@@ -122,9 +122,9 @@ def check_num_classes(store: str | Path, num_classes: int,
 
 
 def evaluate_volumes(model: torch.nn.Module, store: str, volumes: list[str], num_classes: int,
-                     device: torch.device) -> dict:
+                     device: torch.device, *, hd95: bool = True) -> dict:
     """Dice and HD95 per class per volume and their means over volumes, reading the volumes from the store."""
-    return score_volumes(model, load_labeled(store, volumes), num_classes, device)
+    return score_volumes(model, load_labeled(store, volumes), num_classes, device, hd95=hd95)
 
 
 def _mean_present(values: list[float | None]) -> float | None:
@@ -133,32 +133,36 @@ def _mean_present(values: list[float | None]) -> float | None:
 
 
 def score_volumes(model: torch.nn.Module, loaded: Mapping[str, Sequence], num_classes: int,
-                  device: torch.device) -> dict:
+                  device: torch.device, *, hd95: bool = True) -> dict:
     """Scores of `load_labeled`'s volumes (an (image, label) pair without spacing gets HD95 None).
+
+    ``hd95=False`` skips the surface distances (Dice only, HD95 all None): for a quick per-epoch
+    selection score, since an untrained model's speckled output makes HD95 the slow part (seconds
+    per 256x256x100 volume, see tools/bench_metrics.py).
 
     Returns ``per_volume`` (vid -> Dice per class 1..num_classes), ``mean_per_class`` (Dice over
     volumes), ``mean`` (over volumes and classes), ``hd95_mm_per_volume`` (vid -> HD95 per class in
     mm, None where a class is in only one of prediction and label) and ``mean_hd95_mm_per_class``
     (mean over the volumes where it is present, None where it is in none)."""
-    per_volume, hd95 = {}, {}
+    per_volume, hd = {}, {}
     for vid, item in loaded.items():
         image, label = item[0], item[1]
         spacing = item[2] if len(item) > 2 else None
         pred = predict_volume(model, image, device)
-        if spacing is None:
+        if spacing is None or not hd95:
             per_volume[vid] = metrics.dice_per_class(pred, label, num_classes)
-            hd95[vid] = [None] * num_classes
+            hd[vid] = [None] * num_classes
         else:
             scores = metrics.volume_metrics(pred, label, spacing, num_classes)
-            per_volume[vid], hd95[vid] = scores["dice"], scores["hd95_mm"]
+            per_volume[vid], hd[vid] = scores["dice"], scores["hd95_mm"]
     if not per_volume:
         nan = float("nan")
         return {"per_volume": {}, "mean_per_class": [nan] * num_classes, "mean": nan,
                 "hd95_mm_per_volume": {}, "mean_hd95_mm_per_class": [None] * num_classes}
     scores = np.array(list(per_volume.values()))
     return {"per_volume": per_volume, "mean_per_class": scores.mean(0).tolist(), "mean": float(scores.mean()),
-            "hd95_mm_per_volume": hd95,
-            "mean_hd95_mm_per_class": [_mean_present([v[c] for v in hd95.values()]) for c in range(num_classes)]}
+            "hd95_mm_per_volume": hd,
+            "mean_hd95_mm_per_class": [_mean_present([v[c] for v in hd.values()]) for c in range(num_classes)]}
 
 
 def format_table(rows: list[dict], class_names: list[str], metric: str = "dice") -> str:

@@ -190,18 +190,46 @@ def test_non_finite_losses_skip_steps_then_abort():
         guard.end_step(7)
 
 
+def _micro(strategy, net, guard, x, scale=1.0, sync=False):
+    with strategy.micro_step(sync):
+        loss = net(strategy.prepare(x)).float().sum() * scale
+        if guard.finite(loss):
+            strategy.backward(loss)
+
+
 def test_skipped_step_leaves_weights_alone():
-    strategy, net = make()
-    before = state_of(strategy)
-    loss = net(strategy.prepare(torch.randn(2, 1, 16, 16))).sum() * float("nan")
+    """grad_accum=2: a finite micro-batch (its gradients accumulate), then a NaN one: the step is
+    skipped, the weights stay, and the finite half's gradients do not leak into the next step."""
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 1, 16, 16, generator=g) for _ in range(4)]
+    strategy, net = make(accum=2)
     guard = StepGuard(install_signals=False)
-    if guard.finite(loss):
-        strategy.backward(loss)
+    before = state_of(strategy)
+    _micro(strategy, net, guard, batches[0])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in strategy.module.parameters())
+    _micro(strategy, net, guard, batches[1], scale=float("nan"), sync=True)
     assert not guard.end_step(1)
     strategy.skip()
     after = state_of(strategy)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     assert all(p.grad is None for p in strategy.module.parameters())
+    assert guard.skipped_total == 1
+
+    # the next (finite) step equals a fresh run that only skipped a step (schedule advanced), then took it
+    _micro(strategy, net, guard, batches[2])
+    _micro(strategy, net, guard, batches[3], sync=True)
+    assert guard.end_step(2)
+    strategy.step()
+    reference, ref_net = make(accum=2)
+    ref_guard = StepGuard(install_signals=False)
+    reference.skip()
+    _micro(reference, ref_net, ref_guard, batches[2])
+    _micro(reference, ref_net, ref_guard, batches[3], sync=True)
+    reference.step()
+    mine, ref = state_of(strategy), state_of(reference)
+    weights = [k for k in mine if k.endswith("weight")]
+    assert any(not torch.equal(mine[k], before[k]) for k in weights), "the finite step must train"
+    assert all(torch.equal(mine[k], ref[k]) for k in weights), "gradients of the skipped step leaked"
 
 
 def test_sigusr1_and_sigterm_request_a_stop():

@@ -159,3 +159,10 @@ def test_format_table_dice_and_hd95():
     assert "| pcl | 2 | 3.00 | - | 3.00 |" in hd
     old = {k: v for k, v in row.items() if k != "mean_hd95_mm_per_class"}  # results.json from before HD95
     assert "| pcl | 2 | - | - | - |" in evaluate.format_table([old], ["a", "b"], metric="hd95_mm")
+
+
+def test_score_volumes_can_skip_hd95(tmp_path):
+    store, _, _ = make_store(tmp_path / "s.zarr")
+    result = evaluate.evaluate_volumes(ThresholdNet(), store, ["lab"], 2, torch.device("cpu"), hd95=False)
+    assert result["per_volume"] == {"lab": [1.0, 0.0]}
+    assert result["hd95_mm_per_volume"] == {"lab": [None, None]} and result["mean_hd95_mm_per_class"] == [None, None]

@@ -133,12 +133,14 @@ def test_bad_inputs_are_value_errors():
         surface_distances(a == 0, a == 0, SPACING, method="fast")
 
 
-def test_kdtree_and_edt_methods_agree_on_random_blobs():
+def test_kdtree_edt_and_auto_methods_agree_on_random_blobs():
     label, pred = blobs((20, 40, 36), 3, seed=1), blobs((20, 40, 36), 3, seed=2)
-    a = volume_metrics(pred, label, SPACING, 3, method="kdtree")
-    b = volume_metrics(pred, label, SPACING, 3, method="edt")
-    assert a["dice"] == b["dice"]
-    np.testing.assert_allclose(a["hd95_mm"], b["hd95_mm"], rtol=0, atol=1e-9)
+    speckled = np.random.default_rng(0).integers(0, 4, label.shape).astype(np.uint8)  # dense surfaces
+    for p in (pred, speckled):
+        got = {m: volume_metrics(p, label, SPACING, 3, method=m) for m in metrics.METHODS}
+        assert got["kdtree"]["dice"] == got["edt"]["dice"] == got["auto"]["dice"]
+        np.testing.assert_allclose(got["kdtree"]["hd95_mm"], got["edt"]["hd95_mm"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got["auto"]["hd95_mm"], got["edt"]["hd95_mm"], rtol=0, atol=1e-9)
 
 
 def test_dice_per_class_is_the_same_dice():

@@ -19,7 +19,7 @@ from pcl_hpc.data.augment import BatchAugment, augment_in_workers
 from pcl_hpc.data.dataset import SliceDataset
 from pcl_hpc.engine.harness import Harness, Stage, run, stage_folder
 from pcl_hpc.errors import UserError
-from pcl_hpc.evaluate import check_num_classes, evaluate_volumes, load_labeled, score_volumes
+from pcl_hpc.evaluate import check_num_classes, load_labeled, score_volumes
 from pcl_hpc.losses import segmentation_loss
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.optim import build_finetune_optimizer
@@ -34,6 +34,18 @@ def check_splits(f) -> None:
     overlap = set(f.test_volumes) & (set(f.train_volumes) | set(f.val_volumes))
     if overlap:
         raise UserError(f"finetune: test volumes {sorted(overlap)} also appear in train/val volumes")
+
+
+def check_labeled(manifest: dict, store: str, lists: dict[str, list[str]]) -> None:
+    """Every listed volume is in the store and has a label (the manifest says so: no array is read)."""
+    labeled = {v["id"]: v["labeled"] for v in manifest["volumes"]}
+    for key, volumes in lists.items():
+        for vid in volumes:
+            if vid not in labeled:
+                raise UserError(f"{key}: volume {vid!r} is not in store {store} (its labeled volumes: "
+                                f"{', '.join(v for v, yes in labeled.items() if yes)[:200]})")
+            if not labeled[vid]:
+                raise UserError(f"{key}: volume {vid!r} in store {store} has no label; name labeled volumes only")
 
 
 def init_name(encoder: str) -> str:
@@ -56,8 +68,13 @@ class Finetune(Stage):
 
     def dataset(self, h: Harness) -> SliceDataset:
         f, data = self.cfg.finetune, self.cfg.data
-        self.val = load_labeled(data.store, f.val_volumes or f.train_volumes)  # read once; no val split: train volumes
+        check_labeled(h.manifest, data.store, {"finetune.train_volumes": f.train_volumes,
+                                               "finetune.test_volumes": f.test_volumes})  # before any training
+        key = "finetune.val_volumes" if f.val_volumes else "finetune.train_volumes"  # no val split: select on train
+        self.val = load_labeled(data.store, f.val_volumes or f.train_volumes, key=key)  # read once, scored every epoch
         check_num_classes(data.store, f.num_classes, self.val)
+        if f.val_volumes:
+            check_num_classes(data.store, f.num_classes, f.train_volumes)
         self.augment = BatchAugment(seed=self.cfg.seed, views=0) if f.augment else None
         self.in_workers = self.augment is not None and augment_in_workers(data, h.env.device)
         return SliceDataset(data.store, f.train_volumes, patch=data.patch, with_labels=True,
@@ -84,7 +101,7 @@ class Finetune(Stage):
         return segmentation_loss(logits.float(), batch["label"].to(device).long())
 
     def evaluate(self, h: Harness, epoch: int) -> dict:
-        val = score_volumes(h.strategy.module, self.val, self.cfg.finetune.num_classes, h.env.device)["mean"]
+        val = score_volumes(h.strategy.module, self.val, self.cfg.finetune.num_classes, h.env.device, hd95=False)["mean"]
         h.strategy.module.train()
         if val > h.state.best_score:
             h.state.best_score = val
@@ -110,7 +127,8 @@ class Finetune(Stage):
             save_torch(model.state_dict(), out / "model_best.pt")
         model.load_state_dict(torch.load(out / "model_best.pt", map_location=h.env.device, weights_only=True))
         save_torch(model.state_dict(), out / "model.pt")
-        result = evaluate_volumes(model, self.cfg.data.store, f.test_volumes, f.num_classes, h.env.device)
+        test = load_labeled(self.cfg.data.store, f.test_volumes, key="finetune.test_volumes")
+        result = score_volumes(model, test, f.num_classes, h.env.device)
         names = (h.manifest.get("class_names") or [])[1:] or [f"class{c}" for c in range(1, f.num_classes + 1)]
         result.update(init=self.cfg.tracking.run_name or init_name(f.encoder), labeled=len(f.train_volumes),
                       best_val_dice=h.state.best_score, class_names=names)
