@@ -2,6 +2,10 @@
 
     .venv/bin/python tools/bench_train.py                      # CPU: f=32, 64x64, 16 slices (32 views)
     .venv/bin/python tools/bench_train.py --patch 512 --batch 32   # on a CUDA GPU (bf16)
+    .venv/bin/python tools/bench_train.py --device cpu --patch 32 --width 4 --batch 4 --steps 2 --warmup 1
+
+(tools/device_check.sh runs it at both sizes.) ``--device`` picks the device (auto: CUDA when there
+is one, as training does); ``--precision`` is ours (the baseline is always fp32).
 
 Prints one JSON line. Both steps run in this process on the same weights and data, without
 augmentation (the network step is what is compared):
@@ -18,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +35,28 @@ from pcl_hpc.engine.strategy import build_strategy  # noqa: E402
 from pcl_hpc.losses import contrastive_loss  # noqa: E402
 from pcl_hpc.models.unet import build_pretrain_net  # noqa: E402
 from pcl_hpc.train.pretrain import batch_loss  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PinnedEnv(DistEnv):
+    """A single process on the device asked for (``--device cpu`` on a machine with a GPU too)."""
+
+    pinned: str = "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.pinned)
+
+
+def pick_env(choice: str) -> DistEnv:
+    if choice == "auto":
+        return DistEnv()
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_train: --device cuda but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        return PinnedEnv(pinned=f"cuda:{torch.cuda.current_device()}")
+    return PinnedEnv(pinned="cpu")
 
 
 def make_batch(n: int, patch: int, device) -> dict:
@@ -57,6 +84,8 @@ def timed(step, device, warmup: int, steps: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: CUDA when available (as training), else CPU")
     parser.add_argument("--width", type=int, default=32, help="f, channels of the first level")
     parser.add_argument("--patch", type=int, default=0, help="default: 64 on CPU, 512 on CUDA")
     parser.add_argument("--batch", type=int, default=16, help="slices per step (two views each)")
@@ -69,8 +98,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    env = DistEnv()
+    env = pick_env(args.device)
     device = env.device
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     cfg = Config()
     cfg.model.width, cfg.pretrain.augment = args.width, False
     cfg.data.patch = args.patch or (512 if device.type == "cuda" else 64)
@@ -112,11 +144,14 @@ def main(argv=None) -> int:
     views = 2 * args.batch
     base_rate, our_rate = views / min(t_base), views / min(t_ours)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
     print(json.dumps({
         "device": name, "width": args.width, "patch": cfg.data.patch, "batch_slices": args.batch, "views_per_step": views,
         "precision": str(strategy.dtype).replace("torch.", ""), "channels_last": strategy.channels_last,
         "compile": args.compile, "baseline_views_per_s": round(base_rate, 1), "ours_views_per_s": round(our_rate, 1),
         "speedup": round(our_rate / base_rate, 2), "omp_threads": os.environ.get("OMP_NUM_THREADS", ""),
+        "device_type": device.type, "steps": args.steps, "warmup": args.warmup, "peak_memory_gib": peak,
+        "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1),
     }))
     return 0
 
