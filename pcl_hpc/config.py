@@ -105,6 +105,7 @@ class LossConfig:
 
 @dataclass
 class PretrainConfig:
+    name: str = ""  # "" = writes to <output_dir>/pretrain; else <output_dir>/pretrain/<name> (the sweep: one per method)
     epochs: int = bounded(1, ge=1)
     max_steps: int = bounded(0, ge=0)  # 0 = run all epochs; otherwise stop after this many optimizer steps
     schedule_steps: int = bounded(0, ge=0)  # length of the LR schedule in optimizer steps; 0 = the run's total (max_steps or epochs)
@@ -138,6 +139,19 @@ class FinetuneConfig:
     augment: bool = True
     freeze_encoder_epochs: int = bounded(0, ge=0)  # train only the decoder for this many epochs first
     log_every: int = bounded(10, ge=1)
+
+
+@dataclass
+class SweepConfig:
+    """The label-efficiency protocol (`pcl-hpc sweep`): cells of encoder x M x fold x seed."""
+
+    pretrain: list[str] = field(default_factory=list)  # methods this sweep pretrains once each and registers: pcl | gcl | simclr
+    encoders: list[str] = field(default_factory=lambda: ["random"])  # also: random, or a path to encoder.pt / models:/<name>@<alias>
+    labeled: list[int] = field(default_factory=lambda: [1, 2])  # M: labeled patients per cell
+    folds: list[int] | None = None  # test folds of the manifest's k-fold; None = every fold
+    seeds: list[int] = field(default_factory=lambda: [0])  # draws of the M labeled patients (and fine-tuning seeds)
+    val_patients: int = bounded(1, ge=1)  # validation patients per fold, drawn from outside the test fold and the M
+    workers: int = bounded(0, ge=0)  # cells run side by side; 0 = one per GPU, else cores // 2 (at least 1)
 
 
 @dataclass
@@ -182,6 +196,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

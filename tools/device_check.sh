@@ -168,13 +168,14 @@ def steps(path):
 def error_line(path):
     """error_line LOG: the line that says what went wrong (the last error-looking line, else the last line)."""
     try:
-        lines = [x.strip() for x in Path(path).read_text(errors="replace").splitlines() if x.strip()]
+        lines = [x.strip() for x in Path(path).read_text(errors="replace").splitlines()
+                 if x.strip() and not x.startswith("+ ")]  # "+ command" is the log's header
     except OSError:
         print(f"no log at {path}")
         return
     marks = ("error", "Error", "Exception", "Traceback", "Killed", "FAILED")
     hits = [x for x in lines if any(m in x for m in marks) and not x.startswith("Traceback")]
-    line = (hits or lines or ["(empty log)"])[-1]
+    line = (hits or lines or [f"(no output in {Path(path).name})"])[-1]
     print(line[:400])
 
 

@@ -104,7 +104,8 @@ class Pretrain(Stage):
 
 
 def folder(cfg: Config) -> Path:
-    return stage_folder(cfg, "pretrain")
+    """``<output_dir>/pretrain``, or ``<output_dir>/pretrain/<pretrain.name>`` when it is set."""
+    return stage_folder(cfg, "pretrain", *([cfg.pretrain.name] if cfg.pretrain.name else []))
 
 
 def pretrain(cfg: Config) -> Path:
