@@ -152,6 +152,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # draws of the M labeled patients (and fine-tuning seeds)
     val_patients: int = bounded(1, ge=1)  # validation patients per fold, drawn from outside the test fold and the M
     workers: int = bounded(0, ge=0)  # cells run side by side; 0 = one per GPU, else cores // 2 (at least 1)
+    pretrain_processes: int = bounded(1, ge=1)  # > 1: each method pretrains with this many processes (torchrun, this node)
 
 
 @dataclass

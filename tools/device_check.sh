@@ -60,7 +60,8 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 PY=$PYTHON
-export PYTHON PYTHONUNBUFFERED=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+# PYTHONPATH: the helper runs as a script from the work folder (torchrun), and must import this checkout.
+export PYTHON PYTHONUNBUFFERED=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}
 
 if [ "$TINY" = 1 ]; then
@@ -606,7 +607,9 @@ run_section() {
 
 # The environment: what the machine is; also decides the device branch of the sections.
 rm -f "$WORK/device_kind" "$RESULTS/environment.json"
-timeout -k 10 "${LIMIT_TINY[environment]}" "$PY" "$HELPER" environment "$RESULTS/environment.json" "$WORK/device_kind" \
+ENV_LIMIT=${LIMIT_FULL[environment]}
+[ "$MODE" = tiny ] && ENV_LIMIT=${LIMIT_TINY[environment]}
+timeout -k 10 "$ENV_LIMIT" "$PY" "$HELPER" environment "$RESULTS/environment.json" "$WORK/device_kind" \
   >"$LOGS/environment.log" 2>&1
 if [ ! -s "$RESULTS/environment.json" ]; then
   NAME=environment SECTION_T0=$START fail "$LOGS/environment.log" "the environment probe failed"
@@ -621,6 +624,9 @@ fi
 echo "{\"info\": \"mode $MODE, work folder $WORK, logs in $LOGS\"}"
 
 ONLY=${DEVICE_CHECK_ONLY:-}
+for name in ${ONLY//,/ }; do
+  [[ " $SECTIONS " == *" $name "* ]] || { echo "device_check.sh: --only $name: no such section (sections: $SECTIONS)" >&2; exit 2; }
+done
 for name in $SECTIONS; do
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then
     # a section left out is not reported; build_data still runs when the store it makes is missing

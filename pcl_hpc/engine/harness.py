@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from pcl_hpc.optim import build_schedule
 from pcl_hpc.tracking import Tracker
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETE_FILE = "complete.json"  # written after the export: this folder holds the result of this configuration
 
 
 def stage_folder(cfg: Config, *parts: str) -> Path:
@@ -121,6 +123,14 @@ class Stage:
 
     def export(self, h: "Harness") -> Any:
         """After the last step, on every rank: write the stage's outputs; its return value is run()'s."""
+
+    def identity(self) -> dict:
+        """What the result depends on besides the config (e.g. the encoder's version): see :func:`run_key`."""
+        return {}
+
+    def completed(self) -> Any:
+        """The result of an earlier complete run in this folder (read from its outputs), or None."""
+        return None
 
 
 def maybe_inject_fault(step: int, rank: int) -> None:
@@ -314,13 +324,47 @@ def fit(h: Harness) -> None:
             break
 
 
+def run_key(stage: Stage) -> str:
+    """A hash of what a stage's result is a function of: its config, the store's content, its identity()."""
+    what = {"config": to_dict(stage.cfg), "store": read_manifest(stage.cfg.data.store).get("content_hash", ""),
+            **stage.identity()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _done(stage: Stage) -> dict | None:
+    """The complete-marker of an earlier run of exactly this stage (config, store, identity), else None."""
+    marker = stage.folder / COMPLETE_FILE
+    if not stage.cfg.checkpoint.resume or stage.cfg.checkpoint.path or not marker.is_file():
+        return None
+    done = json.loads(marker.read_text())
+    return done if done.get("key") == run_key(stage) else None
+
+
+def is_complete(stage: Stage) -> bool:
+    """True when ``run(stage)`` would return an earlier result without training."""
+    return _done(stage) is not None and stage.completed() is not None
+
+
 def run(stage: Stage) -> Any:
-    """Set up, train to the last step (resuming if a checkpoint exists), export; the stage's result."""
+    """Set up, train to the last step (resuming if a checkpoint exists), export; the stage's result.
+
+    A folder that already holds the complete result of the same run (:data:`COMPLETE_FILE` with the
+    same :func:`run_key`) is not run again: its result is returned (``--no-resume`` runs it again)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # plain-text job logs
+    done = _done(stage)
+    result = stage.completed() if done else None
+    if result is not None:
+        if dist.detect().is_main:
+            print(f"{stage.name}: {stage.folder} already holds this run's result (step {done.get('step')}); "
+                  f"not run again (--no-resume runs it again)", flush=True)
+        return result
+    key = run_key(stage)
     h = Harness(stage)
     with _outcome(h.tracker, h.guard):
         fit(h)
         result = stage.export(h)
+    if h.env.is_main:
+        write_text(stage.folder / COMPLETE_FILE, json.dumps({"key": key, "step": h.state.step, "run_id": h.state.run_id}) + "\n")
     h.tracker.end()
     dist.teardown()
     return result

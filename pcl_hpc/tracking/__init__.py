@@ -48,6 +48,7 @@ from pcl_hpc.tracking.registry import (
     MODEL_NAME_IN_RUN,
     encoder_lineage,
     load_encoder_state,
+    local_encoder_file,
     promote_alias,
     register_encoder,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "encoder_lineage",
     "git_commit",
     "load_encoder_state",
+    "local_encoder_file",
     "promote_alias",
     "read_fallback",
     "register_encoder",

@@ -295,7 +295,7 @@ def _load_weights(path: Path, source: str) -> dict[str, torch.Tensor]:
     return _plain_state(state)
 
 
-def _local_encoder_file(source: str) -> Path:
+def local_encoder_file(source: str) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         for candidate in (path / ENCODER_FILE, path / "artifacts" / ENCODER_FILE):
@@ -326,7 +326,7 @@ def load_encoder_state(source: str, tracking_uri: str | None = None) -> dict[str
     if not source:
         raise UserError("no encoder given: pass a path to encoder.pt or models:/<name>@<alias>")
     if not source.startswith("models:/"):
-        return _load_weights(_local_encoder_file(source), source)
+        return _load_weights(local_encoder_file(source), source)
     import mlflow
 
     _use_uri(tracking_uri)

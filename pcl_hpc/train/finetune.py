@@ -7,6 +7,7 @@ Writes under ``<output_dir>/finetune/<finetune.name>/`` (default name ``<init>_M
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -23,7 +24,18 @@ from pcl_hpc.evaluate import check_num_classes, load_labeled, score_volumes
 from pcl_hpc.losses import segmentation_loss
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.optim import build_finetune_optimizer
-from pcl_hpc.tracking import encoder_lineage, load_encoder_state, resolve_tracking_uri
+from pcl_hpc.tracking import encoder_lineage, load_encoder_state, local_encoder_file, resolve_tracking_uri
+
+
+RESULTS_FILE = "results.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_splits(f) -> None:
@@ -65,6 +77,10 @@ def folder(cfg: Config) -> Path:
 
 class Finetune(Stage):
     name, distributed, checkpoint_each_epoch = "finetune", False, True
+
+    def __init__(self, cfg: Config, section, folder: Path, tags: dict | None = None):
+        super().__init__(cfg, section, folder)
+        self.tags = dict(tags or {})  # extra tracking tags (the sweep: the cell, its parent run)
 
     def dataset(self, h: Harness) -> SliceDataset:
         f, data = self.cfg.finetune, self.cfg.data
@@ -118,7 +134,20 @@ class Finetune(Stage):
         uri = resolve_tracking_uri(self.cfg)
         return self.cfg.tracking.run_name or "finetune", {
             "init": f.encoder or "random", "labeled_volumes": len(f.train_volumes),
-            **(encoder_lineage(f.encoder, uri) if f.encoder else {})}
+            **(encoder_lineage(f.encoder, uri) if f.encoder else {}), **self.tags}
+
+    def identity(self) -> dict:
+        """The encoder's content (a file's hash) or registry version: a new encoder makes a new run."""
+        source = self.cfg.finetune.encoder
+        if not source:
+            return {"encoder": "random"}
+        if source.startswith("models:/"):
+            return {"encoder": encoder_lineage(source, resolve_tracking_uri(self.cfg))}
+        return {"encoder": file_sha256(local_encoder_file(source))}
+
+    def completed(self) -> dict | None:
+        path = self.folder / RESULTS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def export(self, h: Harness) -> dict:
         f, out, model = self.cfg.finetune, self.folder, h.strategy.module
@@ -132,9 +161,9 @@ class Finetune(Stage):
         names = (h.manifest.get("class_names") or [])[1:] or [f"class{c}" for c in range(1, f.num_classes + 1)]
         result.update(init=self.cfg.tracking.run_name or init_name(f.encoder), labeled=len(f.train_volumes),
                       best_val_dice=h.state.best_score, class_names=names)
-        write_text(out / "results.json", json.dumps(result, indent=2))
+        write_text(out / RESULTS_FILE, json.dumps(result, indent=2))
         h.tracker.log_metrics({"test_dice": result["mean"]}, h.state.step)
-        h.tracker.log_artifact(out / "results.json")
+        h.tracker.log_artifact(out / RESULTS_FILE)
         print(f"finetune done: {init_name(f.encoder)} with M={len(f.train_volumes)}: test Dice {result['mean']:.3f} "
               f"(best val {h.state.best_score:.3f}); best model {out / 'model.pt'}, last {out / 'model_last.pt'}",
               flush=True)

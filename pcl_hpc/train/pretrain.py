@@ -86,6 +86,10 @@ class Pretrain(Stage):
     def tracking(self, h: Harness):
         return self.cfg.tracking.run_name or f"pretrain-{self.cfg.loss.method}", {"method": self.cfg.loss.method}
 
+    def completed(self) -> Path | None:
+        path = self.folder / ENCODER_FILE
+        return path if path.is_file() else None
+
     def export(self, h: Harness) -> Path:
         path = self.folder / ENCODER_FILE
         if not h.env.is_main:
