@@ -1,4 +1,4 @@
-"""`pcl-hpc <command>` (also `python -m pcl_hpc`): preprocess, pretrain, finetune, evaluate, demo."""
+"""`pcl-hpc <command>` (also `python -m pcl_hpc`): preprocess, pretrain, finetune, evaluate, sweep, demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ COMMANDS = {
     "pretrain": "contrastive pretraining of the encoder (use torchrun for several processes)",
     "finetune": "fine-tune a U-Net from a pretrained encoder (path or models:/<name>@<alias>) or random init",
     "evaluate": "score a fine-tuned model on the test volumes, or tabulate results.json files",
+    "sweep": "the label-efficiency protocol: encoders x M x fold x seed -> results.csv, summary.md, plot",
     "demo": "the whole pipeline offline on real brain anatomy: data, 2-process PCL, registry, fine-tune, Dice",
 }
 
@@ -68,6 +69,10 @@ def run(args: argparse.Namespace) -> None:
         from pcl_hpc.train.finetune import finetune
 
         finetune(cfg)
+    elif args.command == "sweep":
+        from pcl_hpc.sweep import sweep
+
+        sweep(cfg)
     elif args.command == "evaluate":
         from pcl_hpc.evaluate import evaluate_model
 

@@ -189,6 +189,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Cluster settings of `launchers/slurm.py` (its flags win); checked against the cluster before submission."""
+
+    cluster: str = one_of("auto", "slurm", "local", "debug")  # auto (SLURM when sbatch is on PATH, else local) | slurm | local (submitit's local processes) | debug (in this process)
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    time: int = bounded(60, ge=1)  # time limit of one run of the job, in minutes (each requeue gets it again)
+    nodes: int = bounded(1, ge=1)
+    tasks_per_node: int = bounded(1, ge=1)  # processes per node (one per GPU)
+    gpus_per_node: int = bounded(0, ge=0)
+    cpus_per_task: int = bounded(1, ge=1)
+    mem: str = ""  # memory per node, e.g. "16G" or "512M"; "" = the partition's default
+    constraint: str = ""  # node features, e.g. "a100" or "a100&ib"
+    exclusive: bool = False  # whole nodes only
+    signal_delay_s: int = bounded(90, ge=10, le=65535)  # SLURM sends SIGUSR1 this long before the time limit (up to 30 s earlier): every rank saves at the next step and the job is requeued
+    max_requeues: int = bounded(3, ge=0)  # interruptions (time limit, preemption, requeue, signal) survived by requeueing; past it the job stops with its checkpoint kept
+    setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start, e.g. ["module load cuda/12.4", "source venv/bin/activate"]
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"  # the experiment's folder: each stage writes under its own sub-folder (pretrain/, finetune/<name>/)
     seed: int = bounded(0, ge=0)  # seeds every RNG of the run (numpy needs >= 0)
@@ -201,6 +222,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def _field_names(obj) -> list[str]:

@@ -1,0 +1,269 @@
+"""The label-efficiency protocol in one command: ``pcl-hpc sweep --config ...``.
+
+Cells are encoder x M x fold x seed:
+
+* **encoders**: ``random``; the methods of ``sweep.pretrain`` (pcl, gcl, simclr), each pretrained
+  once by the sweep under ``<output_dir>/pretrain/<method>`` and registered as
+  ``<tracking.register_name>-<method>``; or any path to an ``encoder.pt`` / ``models:/`` URI in
+  ``sweep.encoders``.
+* **splits** (:func:`protocol_split`): the manifest's patient-level fold is the test set; the
+  validation patients (``sweep.val_patients``) come from outside it, drawn by (seed, fold); the M
+  labeled patients are drawn by (seed, fold) from the rest, nested (a larger M keeps a smaller M's
+  patients). Every encoder of a (M, fold, seed) sees the same split, so methods pair cell by cell.
+* **a cell** is a fine-tuning (the harness's ``Finetune`` stage) in ``<output_dir>/sweep/cells/<cell>/``
+  whose split is written beside it (``split.json``: volume ids and their hash). It is a function of
+  (config, split, seed, encoder version): a finished cell is not rerun (the harness's
+  ``complete.json``), an interrupted one resumes from its checkpoint.
+
+Outputs in ``<output_dir>/sweep/``: ``results.csv`` (one row per test volume x cell: Dice and HD95 in mm
+per class), ``summary.md`` (mean ± std over folds x seeds, paired differences against random init)
+and ``label_efficiency.png``. MLflow: a parent run ``sweep`` with a nested child run per cell.
+
+As in the PCL paper, pretraining uses the store's volumes without their labels (test folds included;
+``pretrain.exclude_volumes`` holds volumes out). Cells run ``sweep.workers`` at a time, one process each.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pcl_hpc.atomic import write_text
+from pcl_hpc.config import Config
+from pcl_hpc.data.store import read_manifest
+from pcl_hpc.engine.harness import stage_folder
+from pcl_hpc.errors import UserError
+
+METHODS = ("pcl", "gcl", "simclr")
+SPLIT_FILE = "split.json"
+STATE_FILE = "sweep.json"  # the parent tracking run's id, so a rerun continues it
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    encoder: str  # the method's name in the tables: random, pcl, ..., or a given encoder's name
+    source: str  # what fine-tuning loads: "" (random), a path, or a models:/ URI
+    labeled: int
+    fold: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.encoder}_M{self.labeled}_f{self.fold}_s{self.seed}"
+
+
+def folder(cfg: Config) -> Path:
+    return stage_folder(cfg, "sweep")
+
+
+def protocol_split(manifest: dict, fold: int, m: int, seed: int, val_patients: int) -> dict[str, list[str]]:
+    """{"train", "val", "test"} volume ids of one cell; see the module docstring."""
+    k = int(manifest["settings"].get("folds", 5))
+    if not 0 <= fold < k:
+        raise UserError(f"sweep.folds: fold {fold} is not in 0..{k - 1} (the store was written with data.folds={k})")
+    labeled = [v for v in manifest["volumes"] if v["labeled"]]
+    pool = sorted({v["patient"] for v in labeled if v["fold"] != fold})
+    rng = np.random.default_rng([seed, fold])
+    order = [pool[j] for j in rng.permutation(len(pool))]
+    val, rest = order[:val_patients], order[val_patients:]
+    if not 0 < m <= len(rest):
+        raise UserError(f"sweep.labeled: M={m} labeled patients cannot be drawn for fold {fold}: {len(pool)} patients "
+                        f"are outside it and sweep.val_patients={val_patients} of them validate; use M <= {len(rest)}")
+    pick = lambda patients: [v["id"] for v in labeled if v["fold"] != fold and v["patient"] in set(patients)]  # noqa: E731
+    return {"train": pick(rest[:m]), "val": pick(val), "test": [v["id"] for v in labeled if v["fold"] == fold]}
+
+
+def split_hash(split: dict[str, list[str]]) -> str:
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """The pretraining config of one method of ``sweep.pretrain``."""
+    run = copy.deepcopy(cfg)
+    run.loss.method, run.pretrain.name = method, method
+    run.tracking.register_name, run.tracking.run_name = f"{cfg.tracking.register_name}-{method}", f"pretrain-{method}"
+    return run
+
+
+def pretrain_method(cfg: Config, processes: int) -> None:
+    """One method's pretraining: in this process, or with ``processes`` ranks through torchrun (one node)."""
+    from pcl_hpc.train.pretrain import folder as pretrain_folder, pretrain
+
+    if processes == 1:
+        pretrain(cfg)
+        return
+    import subprocess
+    import sys
+
+    from pcl_hpc.config import save_config
+
+    config = pretrain_folder(cfg).with_suffix(".launch.yaml")  # beside the method's folder
+    save_config(cfg, config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "pcl_hpc", "pretrain", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise UserError(f"sweep: the {processes}-process pretraining of {cfg.loss.method} failed (see its output above); "
+                        f"run the same command again to resume it")
+
+
+def encoders(cfg: Config) -> list[tuple[str, str]]:
+    """(name, source) of every encoder of the sweep, in table order."""
+    unknown = [m for m in cfg.sweep.pretrain if m not in METHODS]
+    if unknown:
+        raise UserError(f"sweep.pretrain: {unknown} are not methods; choose from {', '.join(METHODS)}")
+    from pcl_hpc.train.pretrain import folder as pretrain_folder
+
+    out = [(m, str(pretrain_folder(method_config(cfg, m)) / "encoder.pt")) for m in cfg.sweep.pretrain]
+    for source in cfg.sweep.encoders:
+        name = "random" if source == "random" else source.removeprefix("models:/").replace("/", "-").replace("@", "-")
+        if source != "random" and not source.startswith("models:/"):
+            name = Path(source).parent.name or Path(source).stem
+        out.append((name, "" if source == "random" else source))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise UserError(f"sweep: two encoders share the name {sorted({n for n in names if names.count(n) > 1})}; "
+                        f"list each encoder once")
+    return out
+
+
+def plan(cfg: Config, manifest: dict) -> list[Cell]:
+    s = cfg.sweep
+    if any(m < 1 for m in s.labeled) or not s.labeled or not s.seeds:
+        raise UserError(f"sweep.labeled={s.labeled} and sweep.seeds={s.seeds}: give at least one M >= 1 and one seed")
+    folds = s.folds if s.folds is not None else list(range(int(manifest["settings"].get("folds", 5))))
+    return [Cell(name, source, m, fold, seed) for name, source in encoders(cfg)
+            for m in sorted(set(s.labeled)) for fold in folds for seed in s.seeds]
+
+
+def cell_config(cfg: Config, cell: Cell, split: dict[str, list[str]]) -> Config:
+    run = copy.deepcopy(cfg)
+    run.seed = cell.seed
+    f = run.finetune
+    f.train_volumes, f.val_volumes, f.test_volumes, f.encoder = split["train"], split["val"], split["test"], cell.source
+    run.tracking.run_name = cell.name
+    return run
+
+
+def cell_stage(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None = None):
+    """The harness stage of one cell: a fine-tuning in ``<sweep>/cells/<cell>`` tagged as a child of the sweep."""
+    from pcl_hpc.train.finetune import Finetune
+
+    tags = {"cell": cell.name, "labeled": cell.labeled, "fold": cell.fold, "seed": cell.seed, "split_hash": split_hash(split)}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # a nested run under the sweep's
+    run_cfg = cell_config(cfg, cell, split)
+    return Finetune(run_cfg, run_cfg.finetune, folder(cfg) / "cells" / cell.name, tags=tags)
+
+
+def run_cell(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None) -> dict:
+    """One cell, in this process (a worker): fine-tune, or return the result of a finished one."""
+    from pcl_hpc.engine.harness import run
+
+    stage = cell_stage(cfg, cell, split, parent_run_id)
+    write_text(stage.folder / SPLIT_FILE, json.dumps({**split, "hash": split_hash(split)}, indent=1) + "\n")
+    return run(stage)
+
+
+def _worker_count(cfg: Config, pending: int) -> int:
+    import torch
+
+    if cfg.sweep.workers:
+        return max(1, min(cfg.sweep.workers, pending))
+    gpus = torch.cuda.device_count()
+    return max(1, min(gpus or (os.cpu_count() or 1) // 2, pending))
+
+
+def _run_pending(cfg: Config, todo: list[tuple[Cell, dict]], parent: str | None) -> None:
+    """The cells not finished yet, ``sweep.workers`` at a time (GPU i for worker i on a GPU node)."""
+    workers = _worker_count(cfg, len(todo))
+    print(f"sweep: {len(todo)} cell(s) to run, {workers} at a time", flush=True)
+    if workers == 1:
+        for cell, split in todo:
+            run_cell(cfg, cell, split, parent)
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(workers,)) as pool:
+        for future in [pool.submit(run_cell, cfg, cell, split, parent) for cell, split in todo]:
+            future.result()  # a failed cell fails the sweep; finished cells stay finished
+
+
+def _init_worker(workers: int) -> None:
+    """A cell worker: its share of the cores (``dist.set_threads`` reads LOCAL_WORLD_SIZE), a GPU of its own."""
+    os.environ["LOCAL_WORLD_SIZE"] = str(workers)
+    import torch
+
+    if torch.cuda.is_available():  # one GPU per worker process, round robin
+        ident = multiprocessing_identity() % torch.cuda.device_count()
+        os.environ["LOCAL_RANK"] = str(ident)
+        torch.cuda.set_device(ident)
+
+
+def multiprocessing_identity() -> int:
+    import multiprocessing
+
+    ident = multiprocessing.current_process()._identity  # (n,) for pool workers, 1-based
+    return (ident[0] - 1) if ident else 0
+
+
+def result_rows(cell: Cell, result: dict, class_names: list[str]) -> list[dict]:
+    """results.csv rows of one cell: one per test volume."""
+    rows = []
+    for vid, dice in result["per_volume"].items():
+        hd = (result.get("hd95_mm_per_volume") or {}).get(vid) or [None] * len(dice)
+        present = [h for h in hd if h is not None]
+        row = {"cell": cell.name, "encoder": cell.encoder, "labeled": cell.labeled, "fold": cell.fold,
+               "seed": cell.seed, "volume": vid, "dice_mean": float(np.mean(dice)),
+               "hd95_mm_mean": float(np.mean(present)) if present else None}
+        row.update({f"dice_{c}": d for c, d in zip(class_names, dice)})
+        row.update({f"hd95_mm_{c}": h for c, h in zip(class_names, hd)})
+        rows.append(row)
+    return rows
+
+
+def sweep(cfg: Config) -> str:
+    """Pretrain the sweep's methods, run every cell not finished yet, write and return summary.md."""
+    from pcl_hpc.config import flatten
+    from pcl_hpc.engine.harness import is_complete
+    from pcl_hpc.summary import plot_label_efficiency, summarize, write_results_csv
+    from pcl_hpc.tracking import Tracker
+
+    start, out, manifest = time.time(), folder(cfg), read_manifest(cfg.data.store)
+    cells = plan(cfg, manifest)
+    splits = {c: protocol_split(manifest, c.fold, c.labeled, c.seed, cfg.sweep.val_patients) for c in cells}
+    for method in cfg.sweep.pretrain:  # each once; a finished one is not rerun
+        pretrain_method(method_config(cfg, method), cfg.sweep.pretrain_processes)
+
+    state = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
+    tracker = Tracker(cfg, enabled=True, folder=out)
+    parent = tracker.start(cfg.tracking.run_name or "sweep", {k: v for k, v in flatten(cfg).items() if k.startswith("sweep.")},
+                           run_id=state.get("run_id"), tags={"stage": "sweep", "cells": len(cells)})
+    write_text(out / STATE_FILE, json.dumps({"run_id": parent or state.get("run_id")}) + "\n")
+    todo = [c for c in cells if not is_complete(cell_stage(cfg, c, splits[c]))]
+    if todo:
+        _run_pending(cfg, [(c, splits[c]) for c in todo], parent)
+
+    names = (manifest.get("class_names") or [])[1:] or [f"class{i}" for i in range(1, cfg.finetune.num_classes + 1)]
+    rows = [row for c in cells for row in result_rows(c, cell_stage(cfg, c, splits[c]).completed(), names)]
+    write_results_csv(rows, out / "results.csv", names)
+    text = summarize(rows, names)
+    write_text(out / "summary.md", text)
+    plot_label_efficiency(rows, out / "label_efficiency.png")
+    for name in ("results.csv", "summary.md", "label_efficiency.png"):
+        tracker.log_artifact(out / name)
+    tracker.end()
+    minutes = (time.time() - start) / 60
+    rate = f" ({len(todo) / minutes * 60:.0f} cells/h)" if todo else ""
+    print(f"\n{text}\nsweep done: {len(cells)} cells, {len(todo)} run now, in {minutes:.1f} min{rate}; "
+          f"outputs in {out}", flush=True)
+    return text

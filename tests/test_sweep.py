@@ -1,0 +1,93 @@
+"""The label-efficiency protocol: splits (unit), and a tiny sweep end to end through the CLI
+(random + PCL pretrained by the sweep, M=1, 2 folds, 2 cells at a time), run twice."""
+
+import csv
+import json
+import subprocess
+
+import pytest
+
+from pcl_hpc.data.store import read_manifest
+from pcl_hpc.errors import UserError
+from pcl_hpc.sweep import protocol_split, split_hash
+from tests.conftest import REPO, cli
+
+
+def test_protocol_split_is_disjoint_nested_and_seeded(demo_store):
+    manifest = read_manifest(demo_store)
+    patient = {v["id"]: v["patient"] for v in manifest["volumes"]}
+    for fold in range(3):
+        for seed in (0, 1):
+            one = protocol_split(manifest, fold, 1, seed, val_patients=2)
+            two = protocol_split(manifest, fold, 2, seed, val_patients=2)
+            assert one == protocol_split(manifest, fold, 1, seed, val_patients=2)  # a function of its inputs
+            groups = [{patient[v] for v in two[k]} for k in ("train", "val", "test")]
+            assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+            assert {v["fold"] for v in manifest["volumes"] if v["id"] in two["test"]} == {fold}
+            assert set(one["train"]) <= set(two["train"]) and one["val"] == two["val"] and one["test"] == two["test"]
+            assert len({patient[v] for v in one["train"]}) == 1 and len(groups[1]) == 2
+    draws = {tuple(protocol_split(manifest, 0, 1, seed, 1)["train"]) for seed in range(8)}
+    assert len(draws) > 1, "the seed draws the labeled patients"
+    assert split_hash(one) != split_hash(two)
+    with pytest.raises(UserError, match="sweep.labeled"):
+        protocol_split(manifest, 0, 3, 0, val_patients=2)
+    with pytest.raises(UserError, match="sweep.folds"):
+        protocol_split(manifest, 5, 1, 0, val_patients=1)
+
+
+def run_sweep(store, out):
+    args = [f"data.store={store}", f"output_dir={out}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+            "data.patch=32", "model.width=4", "model.projection_dim=32", "pretrain.max_steps=2",
+            "pretrain.batch_size=8", "pretrain.epochs=1", "finetune.epochs=1", "finetune.batch_size=8",
+            "sweep.pretrain=[pcl]", "sweep.encoders=[random]", "sweep.labeled=[1]", "sweep.folds=[0, 1]",
+            "sweep.seeds=[0]", "sweep.val_patients=1", "sweep.workers=2", "tracking.register_name=sweep-test"]
+    proc = subprocess.run(cli("sweep", "--config", str(REPO / "configs" / "demo.yaml"), *args), capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_sweep_end_to_end_and_rerun_runs_nothing(demo_store, tmp_path):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "exp"
+    first = run_sweep(demo_store, out)
+    sweep_dir = out / "sweep"
+    cells = sorted(p.name for p in (sweep_dir / "cells").iterdir())
+    assert cells == ["pcl_M1_f0_s0", "pcl_M1_f1_s0", "random_M1_f0_s0", "random_M1_f1_s0"]
+    for cell in cells:
+        split = json.loads((sweep_dir / "cells" / cell / "split.json").read_text())
+        assert split["hash"] == split_hash({k: split[k] for k in ("train", "val", "test")})
+    assert (out / "pretrain" / "pcl" / "encoder.pt").is_file()
+
+    with (sweep_dir / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    manifest = read_manifest(demo_store)
+    tests = {fold: [v["id"] for v in manifest["volumes"] if v["labeled"] and v["fold"] == fold] for fold in (0, 1)}
+    assert len(rows) == 2 * sum(len(t) for t in tests.values()), "one row per test volume x cell"
+    assert {r["encoder"] for r in rows} == {"random", "pcl"}
+    assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
+    for cls in ("cortex", "white_matter", "deep_grey"):
+        assert f"dice_{cls}" in rows[0] and f"hd95_mm_{cls}" in rows[0]
+
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "random" in summary and "pcl" in summary and "±" in summary
+    assert summary.strip() in first.stdout
+
+    import matplotlib.image
+
+    png = matplotlib.image.imread(str(sweep_dir / "label_efficiency.png"))
+    assert png.shape[:2] == (480, 640)
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pcl-hpc-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and sorted(r.data.tags["cell"] for r in children) == cells
+
+    second = run_sweep(demo_store, out)
+    assert "0 run now" in second.stdout and "finetune done" not in second.stdout and "pretrain done" not in second.stdout
+    assert (sweep_dir / "summary.md").read_text() == summary, "the same summary"
+    again = client.search_runs([experiment.experiment_id])
+    assert len(again) == len(runs), "a rerun makes no new runs"
