@@ -50,6 +50,14 @@ def test_paper_settings():
     chd = load_config(str(REPO / "configs" / "chd_pcl.yaml"))
     assert (acdc.loss.threshold, acdc.model.width, acdc.pretrain.batch_size, acdc.pretrain.lr) == (0.35, 48, 32, 0.1)
     assert (chd.loss.threshold, chd.model.width, chd.pretrain.batch_size, chd.pretrain.lr) == (0.1, 32, 32, 0.1)
+    papers = {"acdc_pcl": (352, 48), "chd_pcl": (512, 32), "mmwhs_pcl": (256, 32), "hvsmr_pcl": (352, 48)}
+    for name, (patch, width) in papers.items():
+        cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+        assert (cfg.data.patch, cfg.model.width, cfg.data.folds, cfg.loss.temperature) == (patch, width, 5, 0.1), name
+        assert cfg.sweep.pretrain == ["pcl", "gcl", "simclr"] and "random" in cfg.sweep.encoders, name
+    transfer = load_config(str(REPO / "configs" / "transfer_chd_to_mmwhs.yaml"))
+    assert transfer.model.width == chd.model.width and transfer.data.layout == "mmwhs"
+    assert any(e.startswith("models:/chd-") for e in transfer.sweep.encoders)
 
 
 # ---------------------------------------------------------------- validation at load
