@@ -7,6 +7,7 @@ Writes under ``<output_dir>/finetune/<finetune.name>/`` (default name ``<init>_M
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -28,6 +29,19 @@ from pcl_hpc.tracking import encoder_lineage, load_encoder_state, local_encoder_
 
 
 RESULTS_FILE = "results.json"
+SPEC_FILE = "model_spec.json"  # beside model.pt: everything needed to apply the model, no config file
+SPEC_FORMAT = 1
+
+
+def model_spec(cfg: Config, manifest: dict, lineage: dict, class_names: list[str]) -> dict:
+    """What a fine-tuned model needs to be applied to a new scan: the store's preprocessing
+    (orientation, slice axis, in-plane spacing, interpolation, modality, intensity), the network
+    (width, channels, classes) and where it came from (encoder, manifest hash). Plain JSON."""
+    return {"format": SPEC_FORMAT, "kind": "pcl-hpc-segmentation", "weights": "model.pt",
+            "preprocessing": {**manifest["settings"], "channel": cfg.data.channel},
+            "model": dataclasses.asdict(cfg.model), "num_classes": cfg.finetune.num_classes,
+            "class_names": ["background", *class_names], "encoder": lineage,
+            "store_hash": manifest.get("content_hash", ""), "train_volumes": len(cfg.finetune.train_volumes)}
 
 
 def file_sha256(path: Path) -> str:
@@ -162,6 +176,7 @@ class Finetune(Stage):
         result.update(init=self.cfg.tracking.run_name or init_name(f.encoder), labeled=len(f.train_volumes),
                       best_val_dice=h.state.best_score, class_names=names)
         write_text(out / RESULTS_FILE, json.dumps(result, indent=2))
+        write_text(out / SPEC_FILE, json.dumps(model_spec(self.cfg, h.manifest, self.identity(), names), indent=1))
         h.tracker.log_metrics({"test_dice": result["mean"]}, h.state.step)
         h.tracker.log_artifact(out / RESULTS_FILE)
         print(f"finetune done: {init_name(f.encoder)} with M={len(f.train_volumes)}: test Dice {result['mean']:.3f} "
