@@ -23,6 +23,12 @@ VOLUMES_KEY = "finetune.val_volumes / finetune.test_volumes"
 RESULT_KEYS = ("init", "labeled", "mean_per_class", "mean", "class_names")  # what format_table and the CLI read
 
 
+# Volumes read by load_labeled, kept for the next call in this process (a sweep worker scores the same
+# validation and test volumes for many cells). Keyed by the store's content hash: a changed store is re-read.
+_LOADED: dict[tuple[str, str, str], "LabeledVolume"] = {}
+_LOADED_MAX = 64
+
+
 class LabeledVolume(NamedTuple):
     """One scored volume as `load_labeled` returns it; spacing is in mm, (z, y, x) like the arrays."""
 
@@ -84,10 +90,15 @@ def load_labeled(store: str, volumes: list[str], *, key: str = VOLUMES_KEY) -> d
             raise _no_label(store, vid, key)
     loaded = {}
     for vid in volumes:
-        image, label, attrs = load_volume(store, vid)
-        if label is None:
-            raise _no_label(store, vid, key)
-        loaded[vid] = LabeledVolume(image, label, _spacing(store, vid, attrs))
+        cache_key = (str(Path(store).resolve()), manifest.get("content_hash", ""), vid)
+        if cache_key not in _LOADED:
+            image, label, attrs = load_volume(store, vid)
+            if label is None:
+                raise _no_label(store, vid, key)
+            _LOADED[cache_key] = LabeledVolume(image, label, _spacing(store, vid, attrs))
+            while len(_LOADED) > _LOADED_MAX:
+                _LOADED.pop(next(iter(_LOADED)))
+        loaded[vid] = _LOADED[cache_key]
     return loaded
 
 

@@ -168,6 +168,37 @@ def test_agrees_with_monai_the_reference(seed):
     np.testing.assert_allclose(got["dice"], ref_dice.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def sphere(shape, centre, radius, spacing):
+    """A ball of ``radius`` mm around ``centre`` (voxel coordinates) on an anisotropic grid."""
+    grid = np.indices(shape).astype(float)
+    mm = [(g - c) * s for g, c, s in zip(grid, centre, spacing)]
+    return (sum(m ** 2 for m in mm) <= radius ** 2).astype(np.uint8)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("axis,k", [(0, 2), (2, 3)])
+def test_sphere_shifted_by_k_voxels_hd95_is_the_shift_in_mm(axis, k):
+    """A ball shifted by k voxels along one axis: every surface point moves k * spacing mm, so the
+    symmetric HD95 is that shift (to within a voxel's discretisation), and equals MONAI's."""
+    shape, radius = (24, 40, 60), 9.0
+    centre = np.array([12.0, 20.0, 28.0])
+    label = sphere(shape, centre, radius, SPACING)
+    moved = centre.copy()
+    moved[axis] += k
+    pred = sphere(shape, moved, radius, SPACING)
+    shift_mm = k * SPACING[axis]
+    got = volume_metrics(pred, label, SPACING, 1)
+    assert got["hd95_mm"][0] == pytest.approx(shift_mm, abs=0.5 * max(SPACING))
+    assert 0 < got["dice"][0] < 1
+    monai = pytest.importorskip("monai.metrics")
+    import torch
+
+    onehot = [torch.from_numpy(np.stack([a == 0, a == 1])[None]) for a in (pred, label)]
+    ref = monai.compute_hausdorff_distance(*onehot, include_background=False, percentile=95, spacing=SPACING)
+    assert got["hd95_mm"][0] == pytest.approx(float(ref[0, 0]), rel=1e-5, abs=1e-4)
+    assert got["dice"][0] == pytest.approx(float(monai.compute_dice(*onehot, include_background=False)[0, 0]), rel=1e-6)
+
+
 def test_pooled_distances_agree_with_medpy():
     """medpy's hd95 pools both directed sets; the same distances pooled give its number."""
     pytest.importorskip("medpy")
