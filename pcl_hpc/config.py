@@ -467,9 +467,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not file.is_file():
             raise ConfigError(f"config file not found: {path} (pass --config with an existing YAML file, e.g. configs/demo.yaml)")
         try:
-            content = _parse(file.read_text()) or {}
+            content = _parse(file.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot be read as UTF-8 text ({' '.join(str(err).split())[:120]}); "
+                              f"save the config as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where} ({str(err).splitlines()[0]})") from None
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for key, value in content.items():

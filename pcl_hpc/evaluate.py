@@ -221,14 +221,22 @@ def evaluate_model(cfg, model_path: str | None) -> dict:
     """`pcl-hpc evaluate --model model.pt`: Dice and HD95 of a fine-tuned model on cfg.finetune.test_volumes."""
     from pcl_hpc.models.unet import build_unet
 
-    if not model_path or not Path(model_path).is_file():
+    if not model_path:
+        raise UserError("evaluate: pass --model <model.pt written by finetune> to score it, or --results <results.json ...> "
+                        "to tabulate fine-tuning results")
+    if not Path(model_path).is_file():
         raise UserError(f"evaluate: model file not found: {model_path} (pass --model <output_dir>/model.pt from finetune)")
     if not cfg.finetune.test_volumes:
         raise UserError("evaluate: finetune.test_volumes is empty: name the volumes to score")
     model = build_unet(cfg.model, cfg.finetune.num_classes + 1)
     try:
-        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError, EOFError) as err:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - not a torch file, truncated, pickled code, ...
+        raise UserError(f"evaluate: {model_path} is not a model.pt written by finetune (cannot be read with "
+                        f"torch.load(weights_only=True): {type(err).__name__})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
         raise UserError(f"evaluate: {model_path} does not fit model.width={cfg.model.width}, "
                         f"finetune.num_classes={cfg.finetune.num_classes} ({str(err).splitlines()[0]})") from None
     loaded = load_labeled(cfg.data.store, cfg.finetune.test_volumes, key="finetune.test_volumes")

@@ -42,30 +42,57 @@ SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "mlflow_server.sh"
 START_TIMEOUT_S = float(os.environ.get("MLFLOW_TEST_SERVER_TIMEOUT", "120"))
 
 
-# What could point a test's Tracker somewhere else or make it think it is not rank 0.
+# What could point a test's Tracker somewhere else, make it think it is not rank 0, or change a
+# subprocess it starts (the fault-injection variable of the resume tests).
 MLFLOW_ENV_VARS = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PCL_TRACKING_RETRY_S",
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-    "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+    "TORCHELASTIC_RESTART_COUNT", "PCL_HPC_FAULT",
 )
+
+
+def _reset_process_state() -> None:
+    """Forget what an earlier test (of any module) left in this process: MLflow's tracking and
+    registry URIs, the last started Tracker (register_encoder's fallback), a process group (a
+    stage that raised before its teardown; with one, the Tracker reads its rank from the group,
+    not from RANK)."""
+    import mlflow
+    import torch.distributed as torch_dist
+
+    import pcl_hpc.tracking.tracker as tracker_module
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    tracker_module._latest_tracker = None
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 @contextmanager
 def isolated_mlflow(monkeypatch, retries: int, timeout_s: int):
-    """No tracking URI leaks in from the environment or between tests (mlflow.set_tracking_uri
-    sets env); MLflow's HTTP retries set here so that monkeypatch restores them afterwards."""
+    """A test starts and ends with no tracking state from elsewhere: the variables above unset
+    (and restored afterwards, even the ones MLflow itself sets: mlflow.set_tracking_uri exports
+    MLFLOW_TRACKING_URI), MLflow's URIs, the last Tracker and any process group reset before and
+    after, torch's thread count restored (an in-process stage sets it); MLflow's HTTP retries set
+    here so that monkeypatch restores them afterwards."""
+    import torch
+
     for var in MLFLOW_ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
+        # set, then delete: monkeypatch records the original state (set or unset) and restores it,
+        # whatever the test (or MLflow) does with the variable meanwhile
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
-    import mlflow
-
+    threads = torch.get_num_threads()
+    _reset_process_state()
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+        _reset_process_state()
+        torch.set_num_threads(threads)
 
 
 def experiment_runs(client, experiment: str) -> list:

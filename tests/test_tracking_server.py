@@ -269,6 +269,13 @@ def test_resume_after_kill_continues_the_same_run(mlflow_server, tmp_path):
         proc.kill()  # SIGKILL: no end(), the run stays RUNNING
         proc.wait(timeout=30)
     assert client.get_run(run_id).info.status == "RUNNING"
+    counts = [-1]
+
+    def settled() -> bool:  # a request sent just before the kill may still land: read the history once it stops growing
+        counts.append(len(client.get_metric_history(run_id, "loss")))
+        return counts[-1] == counts[-2]
+
+    _poll(settled, 30, "the killed run's last request", interval_s=0.5)
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     last = max(logged)
 

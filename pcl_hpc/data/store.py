@@ -264,6 +264,8 @@ def read_manifest(store_path: str | Path) -> dict[str, Any]:
     path = Path(store_path)
     if not str(store_path):
         raise UserError(f"data.store is not set; set it to the store folder ({_PREPROCESS_HINT})")
+    if path.is_file():
+        raise UserError(f"store {path} is a file, not a store folder; set data.store to the folder `pcl-hpc preprocess` wrote")
     if not path.is_dir():
         raise UserError(f"store {path} does not exist; {_PREPROCESS_HINT}")
     if not is_store(path):

@@ -359,12 +359,15 @@ def run(stage: Stage) -> Any:
                   f"not run again (--no-resume runs it again)", flush=True)
         return result
     key = run_key(stage)
-    h = Harness(stage)
-    with _outcome(h.tracker, h.guard):
-        fit(h)
-        result = stage.export(h)
-    if h.env.is_main:
-        write_text(stage.folder / COMPLETE_FILE, json.dumps({"key": key, "step": h.state.step, "run_id": h.state.run_id}) + "\n")
-    h.tracker.end()
-    dist.teardown()
+    try:
+        h = Harness(stage)
+        with _outcome(h.tracker, h.guard):
+            fit(h)
+            result = stage.export(h)
+        if h.env.is_main:
+            write_text(stage.folder / COMPLETE_FILE,
+                       json.dumps({"key": key, "step": h.state.step, "run_id": h.state.run_id}) + "\n")
+        h.tracker.end()
+    finally:
+        dist.teardown()  # also after an error: no process group is left behind in this process
     return result

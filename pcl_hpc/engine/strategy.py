@@ -203,6 +203,9 @@ class DeepSpeedStrategy(Strategy):
         return config
 
     def setup(self, model, optimizer, schedule, micro_batch: int = 1):
+        e = self.cfg.engine
+        if e.deepspeed_config and not Path(e.deepspeed_config).is_file():  # before the slow import
+            raise UserError(f"engine.deepspeed_config={e.deepspeed_config}: no such file; give a JSON file or leave it empty")
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
         try:
             import deepspeed

@@ -114,7 +114,14 @@ class Finetune(Stage):
         f = self.cfg.finetune
         model = build_unet(self.cfg.model, f.num_classes + 1)
         if f.encoder:
-            model.encoder.load_state_dict(load_encoder_state(f.encoder, resolve_tracking_uri(self.cfg)))
+            state = load_encoder_state(f.encoder, resolve_tracking_uri(self.cfg))
+            try:
+                model.encoder.load_state_dict(state)
+            except RuntimeError as err:
+                m = self.cfg.model
+                raise UserError(f"finetune.encoder={f.encoder} does not fit model.width={m.width}, "
+                                f"model.in_channels={m.in_channels} ({str(err).splitlines()[0][:120]}); use the model "
+                                f"settings it was pretrained with (its config.yaml, or the version's model.* tags)") from None
         return model, build_finetune_optimizer(model, f), 0
 
     def begin_epoch(self, h: Harness, epoch: int) -> None:
