@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             cmd.add_argument("--model", help="model.pt written by finetune, scored on finetune.test_volumes")
             cmd.add_argument("--results", nargs="+", default=[], help="results.json files to tabulate")
+        if name == "sweep":
+            cmd.add_argument("--shard", metavar="I/K", help="run only array task I's cells of K (no pretraining, no report)")
+            cmd.add_argument("--report-only", action="store_true", help="only write results.csv, summary.md and the plot")
+            cmd.add_argument("--plan", action="store_true", help="only create the sweep's tracking run and list its cells")
         if name == "demo":
             cmd.add_argument("--out", default="outputs/demo", help="folder for data, store, runs and MLflow db")
     return parser
@@ -70,9 +74,11 @@ def run(args: argparse.Namespace) -> None:
 
         finetune(cfg)
     elif args.command == "sweep":
-        from pcl_hpc.sweep import sweep
+        from pcl_hpc.sweep import parse_shard, sweep
 
-        sweep(cfg)
+        plan_only = args.plan
+        sweep(cfg, shard=parse_shard(args.shard), report=not (args.shard or plan_only),
+              run_cells=not (args.report_only or plan_only))
     elif args.command == "evaluate":
         from pcl_hpc.evaluate import evaluate_model
 

@@ -231,39 +231,94 @@ def result_rows(cell: Cell, result: dict, class_names: list[str]) -> list[dict]:
     return rows
 
 
-def sweep(cfg: Config) -> str:
-    """Pretrain the sweep's methods, run every cell not finished yet, write and return summary.md."""
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/K"`` -> (I, K); None stays None."""
+    if not text:
+        return None
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"sweep --shard {text!r}: give I/K, e.g. --shard 0/4 (array task 0 of 4)") from None
+    if k < 1:
+        raise UserError(f"sweep --shard {text!r}: K must be >= 1")
+    return i, k
+
+
+def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """The cells of array task ``i`` of ``k`` (every k-th, so each task gets a mix of short and long cells)."""
+    if shard is None:
+        return cells
+    i, k = shard
+    if not 0 <= i < k:
+        raise UserError(f"sweep --shard {i}/{k}: the task index must be in 0..{k - 1}")
+    return cells[i::k]
+
+
+def _parent_run(cfg: Config, cells: list[Cell], start: bool):
+    """The sweep's parent tracking run (created once, its id kept in sweep.json): (tracker or None, run id)."""
     from pcl_hpc.config import flatten
-    from pcl_hpc.engine.harness import is_complete
-    from pcl_hpc.summary import plot_label_efficiency, summarize, write_results_csv
     from pcl_hpc.tracking import Tracker
 
-    start, out, manifest = time.time(), folder(cfg), read_manifest(cfg.data.store)
-    cells = plan(cfg, manifest)
-    splits = {c: protocol_split(manifest, c.fold, c.labeled, c.seed, cfg.sweep.val_patients) for c in cells}
-    for method in cfg.sweep.pretrain:  # each once; a finished one is not rerun
-        pretrain_method(method_config(cfg, method), cfg.sweep.pretrain_processes)
-
-    state = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
-    tracker = Tracker(cfg, enabled=True, folder=out)
+    path = folder(cfg) / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if not start:
+        return None, state.get("run_id")
+    tracker = Tracker(cfg, enabled=True, folder=folder(cfg))
     parent = tracker.start(cfg.tracking.run_name or "sweep", {k: v for k, v in flatten(cfg).items() if k.startswith("sweep.")},
                            run_id=state.get("run_id"), tags={"stage": "sweep", "cells": len(cells)})
-    write_text(out / STATE_FILE, json.dumps({"run_id": parent or state.get("run_id")}) + "\n")
-    todo = [c for c in cells if not is_complete(cell_stage(cfg, c, splits[c]))]
+    write_text(path, json.dumps({"run_id": parent or state.get("run_id"), "cells": [c.name for c in cells]}) + "\n")
+    return tracker, parent or state.get("run_id")
+
+
+def sweep(cfg: Config, shard: tuple[int, int] | None = None, report: bool = True, run_cells: bool = True) -> str:
+    """Pretrain the sweep's methods, run the cells not finished yet, write and return summary.md.
+
+    ``shard=(i, k)``: only array task i's cells, no pretraining (the methods' jobs ran before) and no
+    report (a dependent job writes it with ``run_cells=False``). Cells run ``sweep.workers`` at a time."""
+    from pcl_hpc.engine.harness import is_complete
+
+    out, manifest = folder(cfg), read_manifest(cfg.data.store)
+    cells = plan(cfg, manifest)
+    splits = {c: protocol_split(manifest, c.fold, c.labeled, c.seed, cfg.sweep.val_patients) for c in cells}
+    if shard is None and run_cells:
+        for method in cfg.sweep.pretrain:  # each once; a finished one is not rerun
+            pretrain_method(method_config(cfg, method), cfg.sweep.pretrain_processes)
+    missing = [str(Path(c.source)) for c in cells if c.encoder in cfg.sweep.pretrain and not Path(c.source).is_file()]
+    if run_cells and missing:
+        raise UserError(f"sweep: the encoders {sorted(set(missing))} do not exist yet; pretrain them first "
+                        f"(`pcl-hpc sweep` without --shard does, or the pipeline's pretrain jobs)")
+    tracker, parent = _parent_run(cfg, cells, start=shard is None)
+    todo = [c for c in shard_cells(cells, shard) if not is_complete(cell_stage(cfg, c, splits[c]))] if run_cells else []
+    start = time.time()
     if todo:
         _run_pending(cfg, [(c, splits[c]) for c in todo], parent)
+    minutes = (time.time() - start) / 60
+    rate = f" in {minutes:.1f} min ({len(todo) / minutes * 60:.0f} cells/h)" if todo else ""
+    if not report:
+        print(f"sweep: {len(todo)} cell(s) of task {shard} run now{rate}", flush=True)
+        return ""
+    unfinished = [c.name for c in cells if not is_complete(cell_stage(cfg, c, splits[c]))]
+    if unfinished:
+        raise UserError(f"sweep: {len(unfinished)} of {len(cells)} cells are not finished ({', '.join(unfinished[:5])}"
+                        f"{', ...' if len(unfinished) > 5 else ''}); run `pcl-hpc sweep` with the same config to finish them")
+    text = write_report(cfg, cells, splits, manifest, tracker)
+    print(f"\n{text}\nsweep done: {len(cells)} cells, {len(todo)} run now{rate}; outputs in {out}", flush=True)
+    return text
 
+
+def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, tracker) -> str:
+    """results.csv, summary.md and label_efficiency.png from the finished cells; logged to the parent run."""
+    from pcl_hpc.summary import plot_label_efficiency, summarize, write_results_csv
+
+    out = folder(cfg)
     names = (manifest.get("class_names") or [])[1:] or [f"class{i}" for i in range(1, cfg.finetune.num_classes + 1)]
     rows = [row for c in cells for row in result_rows(c, cell_stage(cfg, c, splits[c]).completed(), names)]
     write_results_csv(rows, out / "results.csv", names)
     text = summarize(rows, names)
     write_text(out / "summary.md", text)
     plot_label_efficiency(rows, out / "label_efficiency.png")
-    for name in ("results.csv", "summary.md", "label_efficiency.png"):
-        tracker.log_artifact(out / name)
-    tracker.end()
-    minutes = (time.time() - start) / 60
-    rate = f" ({len(todo) / minutes * 60:.0f} cells/h)" if todo else ""
-    print(f"\n{text}\nsweep done: {len(cells)} cells, {len(todo)} run now, in {minutes:.1f} min{rate}; "
-          f"outputs in {out}", flush=True)
+    if tracker is not None:
+        for name in ("results.csv", "summary.md", "label_efficiency.png"):
+            tracker.log_artifact(out / name)
+        tracker.end()
     return text

@@ -35,15 +35,16 @@ def test_protocol_split_is_disjoint_nested_and_seeded(demo_store):
         protocol_split(manifest, 5, 1, 0, val_patients=1)
 
 
-def run_sweep(store, out):
+def run_sweep(store, out, *flags, ok=True):
     args = [f"data.store={store}", f"output_dir={out}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
             "data.patch=32", "model.width=4", "model.projection_dim=32", "pretrain.max_steps=2",
             "pretrain.batch_size=8", "pretrain.epochs=1", "finetune.epochs=1", "finetune.batch_size=8",
             "sweep.pretrain=[pcl]", "sweep.encoders=[random]", "sweep.labeled=[1]", "sweep.folds=[0, 1]",
             "sweep.seeds=[0]", "sweep.val_patients=1", "sweep.workers=2", "tracking.register_name=sweep-test"]
-    proc = subprocess.run(cli("sweep", "--config", str(REPO / "configs" / "demo.yaml"), *args), capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run(cli("sweep", "--config", str(REPO / "configs" / "demo.yaml"), *flags, *args),
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -91,3 +92,17 @@ def test_tiny_sweep_end_to_end_and_rerun_runs_nothing(demo_store, tmp_path):
     assert (sweep_dir / "summary.md").read_text() == summary, "the same summary"
     again = client.search_runs([experiment.experiment_id])
     assert len(again) == len(runs), "a rerun makes no new runs"
+
+    # The same cells as array tasks (what launchers/slurm.py submits): plan, two shards, the report.
+    import shutil
+
+    shutil.rmtree(sweep_dir)
+    run_sweep(demo_store, out, "--plan")
+    assert not (sweep_dir / "cells").exists() and (sweep_dir / "sweep.json").is_file()
+    early = run_sweep(demo_store, out, "--report-only", ok=False)
+    assert "4 of 4 cells are not finished" in early.stderr and "Traceback" not in early.stderr
+    for task in ("0/2", "1/2"):
+        shard = run_sweep(demo_store, out, "--shard", task)
+        assert "2 cell(s) of task" in shard.stdout and "pretrain done" not in shard.stdout
+    run_sweep(demo_store, out, "--report-only")
+    assert (sweep_dir / "summary.md").read_text() == summary, "array tasks give the local sweep's summary"
