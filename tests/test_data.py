@@ -215,6 +215,34 @@ def test_generic_channel_suffixes(tmp_path):
     assert np.corrcoef(got.ravel(), expected[::-1, ::-1, :].transpose(2, 1, 0).ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("id_scheme", ["source", "hashed"])
+def test_preprocess_shards_then_merge_give_the_one_process_store(tmp_path, id_scheme):
+    """An array of shards writes disjoint volumes and no manifest; the merge (a plain run) writes the
+    manifest: the store equals the one a single process writes (same ids, arrays, manifest)."""
+    from pcl_hpc.data.preprocess import prepare_shards
+
+    raw = tmp_path / "raw"
+    _generic(raw)
+    one = DataConfig(raw_dir=str(raw), store=str(tmp_path / "one.zarr"), gcl_partitions=3, folds=2, id_scheme=id_scheme)
+    sharded = DataConfig(**{**one.__dict__, "store": str(tmp_path / "sharded.zarr")})
+    preprocess(one, progress=False)
+    with pytest.raises(UserError, match="not prepared"):
+        preprocess(sharded, shard=(0, 2), progress=False)
+    prepare_shards(sharded)
+    if id_scheme == "hashed":  # the same key, so that the same ids come out
+        (tmp_path / "sharded.zarr.idkey").write_bytes((tmp_path / "one.zarr.idkey").read_bytes())
+    parts = [preprocess(sharded, shard=(i, 2), progress=False) for i in range(2)]
+    assert not zstore.is_store(sharded.store) or "manifest" not in zarr.open_group(sharded.store).attrs
+    assert sorted(parts[0].converted + parts[1].converted) == sorted(zstore.stored_volume_dirs(sharded.store))
+    assert not set(parts[0].converted) & set(parts[1].converted), "shards write disjoint volumes"
+    merged = preprocess(sharded, progress=False)
+    assert merged.converted == [] and merged.skipped, "the merge converts nothing"
+    a, b = zstore.read_manifest(one.store), zstore.read_manifest(sharded.store)
+    assert a["content_hash"] == b["content_hash"] and a["volumes"] == b["volumes"]
+    for vid in zstore.volume_ids(one.store):
+        assert np.array_equal(zstore.load_volume(one.store, vid)[0], zstore.load_volume(sharded.store, vid)[0])
+
+
 def test_preprocess_config_errors(tmp_path):
     with pytest.raises(UserError, match="nowhere"):
         preprocess(DataConfig(raw_dir=str(tmp_path / "nowhere"), store=str(tmp_path / "s")), progress=False)

@@ -226,9 +226,31 @@ def volume_settings(cfg: DataConfig, class_names: list[str] | None = None) -> di
     }
 
 
-def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> PreprocessSummary:
-    """Convert ``cfg.raw_dir`` into the Zarr store ``cfg.store``; returns what happened per volume."""
+def prepare_shards(cfg: DataConfig) -> None:
+    """Before an array of ``preprocess(shard=...)`` tasks: the store (and, for hashed ids, its key) exist,
+    so that no two tasks create them at once."""
     _check_config(cfg)
+    if cfg.id_scheme == "hashed":
+        if Path(cfg.store).is_dir() and any(Path(cfg.store).iterdir()) and not zstore.is_store(cfg.store):
+            zstore.init_store(cfg.store)  # its clear error
+        load_id_key(str(cfg.store))
+    zstore.init_store(cfg.store)
+    zstore.remove_leftovers(cfg.store)
+
+
+def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True,
+               shard: tuple[int, int] | None = None) -> PreprocessSummary:
+    """Convert ``cfg.raw_dir`` into the Zarr store ``cfg.store``; returns what happened per volume.
+
+    ``shard=(i, k)``: only every k-th source from the i-th (an array task; :func:`prepare_shards` ran
+    before). Shards write disjoint volumes and no manifest; a plain run afterwards (every volume is
+    then current, so it only checks them) removes what is stale and writes the manifest: the same
+    store as one process makes."""
+    _check_config(cfg)
+    if shard is not None and not (zstore.is_store(cfg.store) and (cfg.id_scheme != "hashed"
+                                                                  or id_key_path(str(cfg.store)).is_file())):
+        raise UserError(f"preprocess shard {shard[0]}/{shard[1]}: store {cfg.store} is not prepared; "
+                        f"run prepare_shards (the pipeline does) before the array")
     raw = Path(cfg.raw_dir)
     jobs, problems = layouts.discover(raw, cfg.layout, int(cfg.channel))
     if not jobs and not problems:
@@ -255,8 +277,12 @@ def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> P
                 jobs.remove(job)
             else:
                 seen.update({vid: names.token(job.image) for vid in job.vids})
-    zstore.init_store(store_path)
-    zstore.remove_leftovers(store_path)
+    if shard is None:
+        zstore.init_store(store_path)
+        zstore.remove_leftovers(store_path)  # never under running shards: their volumes are being built
+    else:
+        jobs = jobs[shard[0]::shard[1]]
+        problems = problems if shard[0] == 0 else []  # each problem reported once
     settings = volume_settings(cfg, class_names)
     settings_sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     stored = zstore.stored_volume_dirs(store_path)
@@ -304,6 +330,8 @@ def preprocess(cfg: DataConfig, *, workers: int = 1, progress: bool = True) -> P
             kept.add(vid)
             (summary.converted if status == "converted" else summary.skipped).append(vid)
             summary.source_bytes += nbytes
+    if shard is not None:
+        return summary  # the merge (a plain run) prunes and writes the manifest
     # The store mirrors raw_dir: volumes whose source vanished or now fails are not left behind
     # looking current.
     for vid in stored:

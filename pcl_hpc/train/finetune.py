@@ -8,7 +8,6 @@ Writes under ``<output_dir>/finetune/<finetune.name>/`` (default name ``<init>_M
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from pcl_hpc.atomic import save_torch, write_text
 from pcl_hpc.config import Config
 from pcl_hpc.data.augment import BatchAugment, augment_in_workers
 from pcl_hpc.data.dataset import SliceDataset
+from pcl_hpc.data.readers import file_sha256
 from pcl_hpc.engine.harness import Harness, Stage, run, stage_folder
 from pcl_hpc.errors import UserError
 from pcl_hpc.evaluate import check_num_classes, load_labeled, score_volumes
@@ -42,14 +42,6 @@ def model_spec(cfg: Config, manifest: dict, lineage: dict, class_names: list[str
             "model": dataclasses.asdict(cfg.model), "num_classes": cfg.finetune.num_classes,
             "class_names": ["background", *class_names], "encoder": lineage,
             "store_hash": manifest.get("content_hash", ""), "train_volumes": len(cfg.finetune.train_volumes)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_splits(f) -> None:
