@@ -17,6 +17,19 @@ COMMANDS = {
 }
 
 
+def parse_shard(text: str | None, command: str = "sweep") -> tuple[int, int] | None:
+    """``--shard I/K`` -> (I, K) with 0 <= I < K; None stays None."""
+    if not text:
+        return None
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"{command} --shard {text!r}: give I/K, e.g. --shard 0/4 (array task 0 of 4)") from None
+    if not 0 <= i < k:
+        raise UserError(f"{command} --shard {text!r}: I must be in 0..K-1")
+    return i, k
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcl-hpc", description="Positional Contrastive Learning for CT/MRI at scale.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -30,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="start fresh even if <output_dir>/checkpoints/latest exists")
         if name == "preprocess":
             cmd.add_argument("--workers", type=int, default=1, help="volumes converted in parallel")
+            cmd.add_argument("--shard", metavar="I/K", help="an array task: convert every K-th source from the I-th; "
+                             "no manifest (a plain run afterwards merges)")
+            cmd.add_argument("--prepare-shards", action="store_true", help="create the store (and id key) before an array")
         if name == "evaluate":
             cmd.add_argument("--model", help="model.pt written by finetune, scored on finetune.test_volumes")
             cmd.add_argument("--results", nargs="+", default=[], help="results.json files to tabulate")
@@ -59,9 +75,13 @@ def run(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, *(["checkpoint.resume=false"] if getattr(args, "no_resume", False) else [])]
     cfg = load_config(args.config, overrides)
     if args.command == "preprocess":
-        from pcl_hpc.data.preprocess import preprocess
+        from pcl_hpc.data.preprocess import prepare_shards, preprocess
 
-        summary = preprocess(cfg.data, workers=args.workers)
+        if args.prepare_shards:
+            prepare_shards(cfg.data)
+            print(f"preprocess: store {cfg.data.store} prepared for shards", flush=True)
+            return
+        summary = preprocess(cfg.data, workers=args.workers, shard=parse_shard(args.shard, "preprocess"))
         print(summary.format())
         if not summary.ok:
             raise SystemExit(1)
@@ -74,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
 
         finetune(cfg)
     elif args.command == "sweep":
-        from pcl_hpc.sweep import parse_shard, sweep
+        from pcl_hpc.sweep import sweep
 
         plan_only = args.plan
         sweep(cfg, shard=parse_shard(args.shard), report=not (args.shard or plan_only),
