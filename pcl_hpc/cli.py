@@ -14,7 +14,31 @@ COMMANDS = {
     "evaluate": "score a fine-tuned model on the test volumes, or tabulate results.json files",
     "sweep": "the label-efficiency protocol: encoders x M x fold x seed -> results.csv, summary.md, plot",
     "demo": "the whole pipeline offline on real brain anatomy: data, 2-process PCL, registry, fine-tune, Dice",
+    "predict": "segment new scans with a fine-tuned model (folder, model.pt or models:/<name>@<alias>): masks on "
+               "each scan's own grid",
+    "export": "export a fine-tuned model to TorchScript or ONNX, its preprocessing spec beside it",
 }
+MODEL_HELP = "fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>"
+
+
+def _model_command_arguments(cmd: argparse.ArgumentParser, name: str) -> None:
+    """predict / export: no config file, the model carries its preprocessing (model_spec.json)."""
+    cmd.add_argument("--model", required=True, help=MODEL_HELP)
+    cmd.add_argument("--tracking-uri", default="", help="registry for models:/ sources (default: $MLFLOW_TRACKING_URI)")
+    if name == "export":
+        cmd.add_argument("--format", required=True, choices=("torchscript", "onnx"), help="torchscript | onnx")
+        cmd.add_argument("--out", required=True, help="folder for the exported model and its model_spec.json")
+        return
+    cmd.add_argument("--input", required=True, nargs="+",
+                     help="scan (.nii.gz/.nii/.nrrd/.mha/.mhd), DICOM series folder, or a folder of them")
+    cmd.add_argument("--output", required=True, help="folder for the masks and their .json sidecars")
+    cmd.add_argument("--tta", action="store_true", help="average the softmax over identity + horizontal + vertical flips")
+    cmd.add_argument("--format", choices=("nii.gz", "keep"), default="nii.gz",
+                     help="mask format: nii.gz, or keep (the input's: .nrrd, .mha; DICOM -> .nii.gz)")
+    cmd.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
+    cmd.add_argument("--device", default="", help="cpu, cuda, cuda:<n> (default: cuda if available)")
+    cmd.add_argument("--batch", type=int, default=32, help="slices per forward pass")
+    cmd.add_argument("--id-key", default="", help="<store>.idkey of a hashed-id store: name masks by its hashed ids")
 
 
 def parse_shard(text: str | None, command: str = "sweep") -> tuple[int, int] | None:
@@ -35,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
+        if name in ("predict", "export"):
+            _model_command_arguments(cmd, name)
+            continue
         cmd.add_argument("--config", required=name != "evaluate" and name != "demo",
                          help="YAML config file (see configs/)")
         cmd.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
@@ -65,6 +92,17 @@ def run(args: argparse.Namespace) -> None:
         from pcl_hpc.demo import run_demo
 
         run_demo(args.config or "configs/demo.yaml", args.out, args.overrides)
+        return
+    if args.command == "predict":
+        from pcl_hpc.predict import run_command as predict_command
+
+        if predict_command(args):  # a scan failed: the others were written, the summary names it
+            raise SystemExit(1)
+        return
+    if args.command == "export":
+        from pcl_hpc.export import run_command as export_command
+
+        export_command(args)
         return
     if args.command == "evaluate" and args.results:
         from pcl_hpc.evaluate import format_table, load_results

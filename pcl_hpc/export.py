@@ -4,10 +4,11 @@
 with ``torch.jit.load``) or ``<out>/model.onnx`` (opset 17, dynamic batch, height and width), and
 ``<out>/model_spec.json``: the model's spec (preprocessing, classes, lineage) with an ``export``
 section naming the exported file(s) (``formats``: both can share a folder when they come from
-the same weights), the input and the output, and where the model came from (``source``). The network takes ``image`` (N, C, H, W)
-float32 slices preprocessed as the spec says, H and W multiples of 16 (pad, then crop the output),
-and returns ``logits`` (N, num_classes + 1, H, W). Each export is run once on a test batch of
-another shape and compared with PyTorch before it is kept.
+the same weights), the input and the output, and where the model came from (``source``).
+The network takes ``image`` (N, C, H, W) float32 slices preprocessed as the spec says, H and W
+multiples of 16 (pad, then crop the output), and returns ``logits`` (N, num_classes + 1, H, W).
+The ONNX file comes from the TorchScript-based exporter (``dynamo=False``: no onnxscript needed).
+Each export is run once on a test batch of another shape and compared with PyTorch before it is kept.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ def _check_close(expected: torch.Tensor, got: torch.Tensor, what: str) -> None:
 def _torchscript(net: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks are constant for a trace
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; it still works
         traced = torch.jit.trace(net, (example,), check_trace=False)
-    with torch.no_grad():
-        _check_close(net(check), traced(check), "TorchScript")
-    with atomic_path(path) as tmp:
-        torch.jit.save(traced, str(tmp))
-    with torch.no_grad():
-        _check_close(net(check), torch.jit.load(str(path), map_location="cpu")(check), "TorchScript")
+        with torch.no_grad():
+            _check_close(net(check), traced(check), "TorchScript")
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp))
+        with torch.no_grad():
+            _check_close(net(check), torch.jit.load(str(path), map_location="cpu")(check), "TorchScript")
 
 
 def _onnx(net: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path) -> None:

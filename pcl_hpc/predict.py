@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -183,6 +184,25 @@ def read_scan(path: Path, settings: dict[str, Any]) -> sitk.Image:
     if img.GetDimension() == 4:
         img = select_channel(img, int(settings.get("channel") or 0), str(path))
     return img
+
+
+def check_finite_nifti(path: Path) -> None:
+    """A VolumeError for NaN/Inf voxels in a floating-point NIfTI file.
+
+    ITK's NIfTI reader (nifti1_io) silently reads NaN and Inf as 0, so ``volume_arrays``' check never
+    sees them there; nibabel reads the values as stored. Integer files cannot hold them: not read."""
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        nii = nib.load(str(path))
+        if nii.header.get_data_dtype().kind != "f":
+            return
+        finite = bool(np.isfinite(np.asanyarray(nii.dataobj)).all())
+    except Exception:  # noqa: BLE001 - ITK has read it: a header nibabel dislikes is not this check's business
+        return
+    if not finite:
+        raise VolumeError(str(path), "image contains NaN or Inf values (NIfTI readers may turn them into 0); fix the "
+                                     "export (e.g. replace them with 0)")
 
 
 def segment(net: torch.nn.Module, img: sitk.Image, settings: dict[str, Any], path: str, device: torch.device,
@@ -353,7 +373,7 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
               "--id-key <store>.idkey to name them by the store's hashed ids)", file=sys.stderr, flush=True)
 
     summary = PredictSummary(output=str(out_dir))
-    taken: dict[Path, Path] = {}
+    taken: dict[str, Path] = {}
     id_rows: dict[str, str] = {}
     start = time.monotonic()
     bar = tqdm(total=len(scans), desc="predict", unit="vol", disable=not progress)
@@ -367,14 +387,15 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
                 id_rows[name] = scan.name
             ext = _output_ext(scan, fmt)
             target = out_dir / f"{name}{ext}"
-            if target in taken:
-                raise VolumeError(str(scan.path), f"its mask {target.name} would replace the one of {taken[target]}; "
-                                                  "rename one of the two inputs")
-            taken[target] = scan.path
+            if name in taken:  # a.nrrd and a.mha: one a.json sidecar, and with nii.gz one a.nii.gz
+                raise VolumeError(str(scan.path), f"its mask {name}{ext} (and {name}.json) would replace the one of "
+                                                  f"{taken[name]}; rename one of the two inputs")
+            taken[name] = scan.path
             if target.exists() and not overwrite:
                 summary.skipped.append(str(scan.path))
                 continue
             img = read_scan(scan.path, settings)
+            check_finite_nifti(scan.path)
             mask = segment(net, img, settings, str(scan.path), dev, batch=int(batch), tta=tta)
             write_text(out_dir / f"{name}.json", json.dumps(_sidecar(seg, scan, ext, tta, mask), indent=1))
             _write_image(mask, target, ext)  # last: an existing mask means a finished scan

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -38,7 +37,7 @@ import numpy as np
 
 from pcl_hpc.atomic import write_text
 from pcl_hpc.config import Config
-from pcl_hpc.data.store import read_manifest
+from pcl_hpc.data.store import read_manifest, split_hash
 from pcl_hpc.engine.harness import stage_folder
 from pcl_hpc.errors import UserError
 
@@ -79,10 +78,6 @@ def protocol_split(manifest: dict, fold: int, m: int, seed: int, val_patients: i
                         f"are outside it and sweep.val_patients={val_patients} of them validate; use M <= {len(rest)}")
     pick = lambda patients: [v["id"] for v in labeled if v["fold"] != fold and v["patient"] in set(patients)]  # noqa: E731
     return {"train": pick(rest[:m]), "val": pick(val), "test": [v["id"] for v in labeled if v["fold"] == fold]}
-
-
-def split_hash(split: dict[str, list[str]]) -> str:
-    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def method_config(cfg: Config, method: str) -> Config:
@@ -251,7 +246,8 @@ def _parent_run(cfg: Config, cells: list[Cell], start: bool):
     tracker = Tracker(cfg, enabled=True, folder=folder(cfg))
     parent = tracker.start(cfg.tracking.run_name or "sweep", {k: v for k, v in flatten(cfg).items() if k.startswith("sweep.")},
                            run_id=state.get("run_id"), tags={"stage": "sweep", "cells": len(cells)})
-    write_text(path, json.dumps({"run_id": parent or state.get("run_id"), "cells": [c.name for c in cells]}) + "\n")
+    state.update(run_id=parent or state.get("run_id"), cells=[c.name for c in cells])
+    write_text(path, json.dumps(state) + "\n")
     return tracker, parent or state.get("run_id")
 
 
@@ -305,5 +301,30 @@ def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, t
     if tracker is not None:
         for name in ("results.csv", "summary.md", "label_efficiency.png"):
             tracker.log_artifact(out / name)
+        register_best(cfg, cells, splits, tracker.run_id)
         tracker.end()
     return text
+
+
+def register_best(cfg: Config, cells: list[Cell], splits: dict, run_id: str | None) -> None:
+    """Register each method's best fine-tuned model (by validation Dice, never by test Dice) as
+    ``<tracking.register_name>-<method>-seg``, with its test Dice and the method's mean as tags; once."""
+    from pcl_hpc.tracking import register_segmentation_model
+
+    path = folder(cfg) / STATE_FILE
+    state = json.loads(path.read_text())
+    done = state.setdefault("registered", {})
+    for method in dict.fromkeys(c.encoder for c in cells):
+        results = {c: cell_stage(cfg, c, splits[c]).completed() for c in cells if c.encoder == method}
+        best = max(results, key=lambda c: (results[c]["best_val_dice"], -cells.index(c)))
+        if done.get(method, {}).get("cell") == best.name:
+            continue
+        name = f"{cfg.tracking.register_name}-{method}-seg"
+        version = register_segmentation_model(folder(cfg) / "cells" / best.name, name, cfg.tracking.alias, tags={
+            "cell": best.name, "test_dice": results[best]["mean"], "best_val_dice": results[best]["best_val_dice"],
+            "method_mean_test_dice": float(np.mean([r["mean"] for r in results.values()])), "labeled": best.labeled,
+            "fold": best.fold, "seed": best.seed, "split_hash": split_hash(splits[best])}, run_id=run_id)
+        if version:
+            done[method] = {"cell": best.name, "name": name, "version": version}
+            print(f"sweep: registered {best.name} as models:/{name}@{cfg.tracking.alias} (version {version})", flush=True)
+    write_text(path, json.dumps(state) + "\n")

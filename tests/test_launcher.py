@@ -1,31 +1,213 @@
-"""launchers/slurm.py runs the same pretraining through submitit (its local executor: no SLURM here)."""
+"""launchers/slurm.py without a SLURM: submitit's local executor (`--cluster local`: one process per task),
+its debug executor (`--cluster debug`: one task in the launcher's process), the slurm: settings and the
+checks against a cluster's answers (canned sinfo / scontrol output)."""
 
+import importlib.util
 import json
+import os
+import shlex
 import subprocess
 import sys
+import types
 
+import pytest
 import torch
 
+from pcl_hpc.config import SlurmConfig, load_config
+from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE
+from pcl_hpc.errors import UserError
 from tests.conftest import REPO
 from tests.test_spine import overrides
 
+LAUNCHER = REPO / "launchers" / "slurm.py"
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    """launchers/slurm.py as a module (it sets SUBMITIT_PREEMPT_SIGNAL on import: restored after)."""
+    before = os.environ.get("SUBMITIT_PREEMPT_SIGNAL")
+    spec = importlib.util.spec_from_file_location("pcl_hpc_launcher", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if before is None:
+        os.environ.pop("SUBMITIT_PREEMPT_SIGNAL", None)
+    else:
+        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = before
+    return module
+
+
+def run_launcher(*args, cwd, env=None, timeout=600):
+    return subprocess.run([sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def logged_steps(out):
+    return [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+
 
 def test_local_submitit_pretrain_two_tasks(demo_store, tmp_path):
-    cmd = [sys.executable, str(REPO / "launchers" / "slurm.py"), "pretrain", "--cluster", "local",
-           "--tasks-per-node", "2", "--config", str(REPO / "configs" / "demo.yaml"),
-           *overrides(demo_store, tmp_path, **{"pretrain.max_steps": 1})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_launcher("pretrain", "--cluster", "local", "--tasks-per-node", "2", "--config",
+                        str(REPO / "configs" / "demo.yaml"), *overrides(demo_store, tmp_path, **{"pretrain.max_steps": 1}),
+                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished" in proc.stdout
     torch.load(tmp_path / "pretrain" / "encoder.pt", weights_only=True)
-    logged = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["step"] == 1
+    assert logged_steps(tmp_path)[-1] == 1
     logs = "".join(p.read_text() for p in (tmp_path / "pretrain" / "submitit").glob("*_0_log.out"))
     assert "on 2 process(es)" in logs, "both submitit tasks must have joined one process group"
 
 
+def test_local_stop_gives_one_line_whose_command_continues(demo_store, tmp_path):
+    # SIGUSR1 on rank 1 after step 1: both local tasks save step 2 and exit 75 (no SLURM to requeue them):
+    # the launcher says so in one line, with the command that continues; that command finishes the run.
+    args = ["pretrain", "--cluster", "local", "--tasks-per-node", "2", "--config", str(REPO / "configs" / "demo.yaml"),
+            *overrides(demo_store, tmp_path, **{"pretrain.max_steps": 4, "checkpoint.every_steps": 0})]
+    proc = run_launcher(*args, cwd=tmp_path, env={"PCL_HPC_FAULT": "signal:1:1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(lines) == 1 and "checkpoint" in lines[0] and "(step 2)" in lines[0], proc.stderr
+    command = lines[0].split("continue with: ", 1)[1].split("; logs:", 1)[0]
+    again = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert logged_steps(tmp_path) == [1, 2, 3, 4], "each step once across the stop and the continuation"
+
+
+def test_debug_cluster_runs_in_this_process(demo_store, tmp_path):
+    proc = run_launcher("pretrain", "--cluster", "debug", "--config", str(REPO / "configs" / "demo.yaml"),
+                        *overrides(demo_store, tmp_path, **{"pretrain.max_steps": 1}), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(debug)" in proc.stdout and "finished" in proc.stdout and "on 1 process(es)" in proc.stdout
+    torch.load(tmp_path / "pretrain" / "encoder.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--cluster", "debug", "--tasks-per-node", "2"], "--cluster debug runs one task"),
+    (["--cluster", "local", "--nodes", "2"], "--cluster local runs on one node"),
+    (["--cluster", "local", "slurm.mem=16Q"], "is not a SLURM memory size"),
+    (["slurm.cluster=cloud"], "slurm.cluster='cloud' is not allowed"),
+])
+def test_launcher_refuses_what_cannot_run(tmp_path, flags, says):
+    proc = run_launcher("pretrain", "--config", str(REPO / "configs" / "demo.yaml"), f"output_dir={tmp_path}", *flags,
+                        cwd=tmp_path, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
+    assert "submitted" not in proc.stdout and not (tmp_path / "pretrain" / "submitit").exists()
+
+
 def test_launcher_rejects_bad_config(tmp_path):
-    cmd = [sys.executable, str(REPO / "launchers" / "slurm.py"), "pretrain", "--config", str(tmp_path / "none.yaml")]
+    cmd = [sys.executable, str(LAUNCHER), "pretrain", "--config", str(tmp_path / "none.yaml")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "none.yaml" in proc.stderr
+
+
+def test_flags_win_over_the_slurm_section(launcher, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("slurm:\n  time: 30\n  partition: cpu\n  setup: [module load x]\n")
+    args = launcher.build_parser().parse_intermixed_args(
+        ["pretrain", "--config", str(config), "slurm.time=5", "slurm.qos=high", "--time", "7", "--mem", "16G",
+         "--setup", "source a b", "--exclusive"])
+    cfg = load_config(args.config, args.overrides + launcher.flag_overrides(args))
+    s = cfg.slurm
+    assert (s.time, s.partition, s.qos, s.mem, s.setup, s.exclusive) == (7, "cpu", "high", "16G", ["source a b"], True)
+    assert launcher.CLUSTERS == next(f for f in SlurmConfig.__dataclass_fields__.values()
+                                     if f.name == "cluster").metadata["choices"]
+
+
+def test_sbatch_script_asks_for_the_stepguard_signal(launcher, tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    s = load_config(None, ["slurm.time=2", "slurm.signal_delay_s=60", "slurm.partition=gpu", "slurm.gpus_per_node=4",
+                           "slurm.mem=16G", "slurm.setup=[module load cuda]"]).slurm
+    script = _make_sbatch_string(command="run", folder=tmp_path, **launcher.slurm_parameters(s, "job"))
+    for line in ("#SBATCH --signal=USR1@60", "#SBATCH --requeue", "#SBATCH --time=2", "#SBATCH --partition=gpu",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --mem=16G", "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+                 "module load cuda"):
+        assert line in script, script
+    assert "USR2" not in script
+
+
+def test_time_memory_and_gres_parsing(launcher):
+    assert launcher.slurm_minutes("1-00:00:00") == 1440 and launcher.slurm_minutes("01:00:00") == 60
+    assert launcher.slurm_minutes("90") == 90 and launcher.slurm_minutes("2-12") == 3600
+    assert launcher.slurm_minutes("UNLIMITED") is None and launcher.slurm_minutes("INFINITE") is None
+    assert launcher.mem_mb("16G") == 16384 and launcher.mem_mb("512M") == 512 and launcher.mem_mb("2048") == 2048
+    assert launcher.gpus_in_gres("gpu:a100:4(S:0-1),gpu:v100:2") == 6 and launcher.gpus_in_gres("(null)") == 0
+    assert launcher.parse_oneliner("NodeName=n1 CPUTot=64 TRES=cpu=64,mem=1T")["TRES"] == "cpu=64,mem=1T"
+
+
+SINFO = "gpu\ncpu\n"
+PARTITIONS = ("PartitionName=gpu AllowGroups=ALL Default=NO MaxTime=2-00:00:00 Nodes=g[1-2] State=UP TotalNodes=2\n"
+              "PartitionName=cpu AllowGroups=ALL Default=YES MaxTime=04:00:00 Nodes=c1 State=UP TotalNodes=1\n")
+NODES = ("NodeName=g1 Arch=x86_64 CPUTot=32 AvailableFeatures=a100,ib Gres=gpu:a100:4(S:0-1) OS=Linux 6.1 #1 SMP "
+         "RealMemory=256000 Partitions=gpu State=IDLE\n"
+         "NodeName=g2 Arch=x86_64 CPUTot=32 AvailableFeatures=a100,ib Gres=gpu:a100:4 RealMemory=256000 Partitions=gpu "
+         "State=IDLE\n"
+         "NodeName=c1 Arch=x86_64 CPUTot=16 AvailableFeatures=(null) Gres=(null) RealMemory=64000 Partitions=cpu "
+         "State=IDLE\n")
+
+
+@pytest.fixture
+def fake_cluster(launcher, monkeypatch):
+    answers = {("sinfo",): SINFO, ("scontrol", "-o", "show", "partition"): PARTITIONS,
+               ("scontrol", "-o", "show", "node"): NODES, ("sacctmgr",): "normal\nhigh\n"}
+
+    def fake_run(cmd, timeout=30):
+        for prefix, text in answers.items():
+            if tuple(cmd[:len(prefix)]) == prefix:
+                return types.SimpleNamespace(returncode=0, stdout=text, stderr="")
+        raise AssertionError(f"unexpected command {cmd}")
+
+    monkeypatch.setattr(launcher, "_run", fake_run)
+    return launcher
+
+
+@pytest.mark.parametrize("settings, says", [
+    (["slurm.partition=big"], "slurm.partition='big' is not a partition of this cluster (sinfo lists: cpu, gpu)"),
+    (["slurm.partition=gpu", "slurm.gpus_per_node=8"], "have at most 4 GPU(s)"),
+    (["slurm.gpus_per_node=1"], "partition cpu have at most 0 GPU(s)"),  # the default partition
+    (["slurm.partition=gpu", "slurm.tasks_per_node=4", "slurm.cpus_per_task=16"], "64 CPUs per node"),
+    (["slurm.time=300"], "above partition cpu's MaxTime of 240 minutes"),
+    (["slurm.partition=gpu", "slurm.nodes=3"], "partition gpu has 2 node(s)"),
+    (["slurm.partition=gpu", "slurm.mem=300G"], "at most 256000 MB"),
+    (["slurm.partition=gpu", "slurm.constraint=a100&h100"], "no node of partition gpu has the feature 'h100'"),
+    (["slurm.qos=urgent"], "slurm.qos='urgent' is not known"),
+])
+def test_cluster_checks_refuse_with_one_line(fake_cluster, settings, says):
+    with pytest.raises(UserError) as err:
+        fake_cluster.check_cluster(load_config(None, settings).slurm)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cluster_checks_pass_what_fits(fake_cluster):
+    for settings in ([], ["slurm.partition=gpu", "slurm.nodes=2", "slurm.tasks_per_node=4", "slurm.gpus_per_node=4",
+                          "slurm.cpus_per_task=8", "slurm.time=2880", "slurm.mem=200G", "slurm.constraint=a100&ib",
+                          "slurm.qos=high"]):
+        fake_cluster.check_cluster(load_config(None, settings).slurm)
+
+
+def test_slurm_tests_fail_in_ci_without_slurm(tmp_path):
+    """tests/test_slurm.py skips without sbatch/sinfo, but fails under CI=true (CI must not pass without SLURM)."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PATH"] = str(tmp_path)  # no sbatch, no sinfo
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_slurm.py", "-k", "two_tasks"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert plain.returncode == 0 and "1 skipped" in plain.stdout, plain.stdout[-2000:]
+    ci = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**env, "CI": "true"})
+    assert ci.returncode == 1 and "CI=true but no SLURM here" in ci.stdout, ci.stdout[-2000:]
+    assert "skipped" not in ci.stdout.splitlines()[-1], ci.stdout[-2000:]
+
+
+def test_checkpoint_only_returns_the_resubmission(launcher, monkeypatch):
+    """submitit calls checkpoint() inside its SIGUSR1 handler (outside the training loop): it returns the job
+    itself to requeue, saves and sends nothing; past slurm.max_requeues it returns None (not requeued)."""
+    import submitit
+
+    job = launcher.StageJob("pretrain", "configs/demo.yaml", ["pretrain.max_steps=2"], max_requeues=2,
+                            continue_command="python launchers/slurm.py pretrain --config configs/demo.yaml")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = job.checkpoint()
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert job.checkpoint() is None

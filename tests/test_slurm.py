@@ -1,14 +1,22 @@
 """launchers/slurm.py on a real SLURM: one node, 2 tasks (CPU, gloo), submitted with sbatch through submitit.
 
-Start the cluster first with `bash tools/slurm_local.sh start` (.ci/run does); without `sbatch` on PATH or
-an answering `sinfo`, every test here is skipped. Accounting is off on that cluster (no sacct), so the
-launcher learns that a job ended from submitit's result files, and the tests read the job's state from
-`scontrol show job` (slurmctld keeps finished jobs for MinJobAge = 300 s).
+Start the cluster first with `bash tools/slurm_local.sh start` (.ci/run does): slurmctld, slurmd and
+slurmdbd on MariaDB, so `sacct` answers as on a real cluster. Without `sbatch` on PATH or an answering
+`sinfo` every test here is skipped, except under CI (CI=true), where each one fails instead. The tests
+read a job's state and restart count from `scontrol show job` (slurmctld keeps finished jobs for
+MinJobAge = 300 s) and its runs from `sacct -D`.
+
+What they check: a job interrupted by its time limit (the SIGUSR1 that SLURM sends signal_delay_s
+before it), by `scontrol requeue`, by a SIGUSR1 on one rank comes back by itself, as one job, and ends
+bit-identical to the same run straight under torchrun, in one MLflow run with each step once; a
+cancelled job stays cancelled; past slurm.max_requeues the job stops with one line whose command
+continues it; bad cluster settings fail before anything is queued.
 """
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,15 +24,19 @@ import time
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE
 from tests.conftest import REPO
 from tests.test_spine import overrides
 
+LAUNCHER = str(REPO / "launchers" / "slurm.py")
+TINY = {"model.projection_dim": 32}  # with test_spine's sizes (patch 32, width 4, batch 4): ~30 steps/s here
+
 
 def _slurm_unavailable() -> str:
-    if shutil.which("sbatch") is None:
-        return "no SLURM here: sbatch is not on PATH (start one with `bash tools/slurm_local.sh start`)"
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "no SLURM here: sbatch/sinfo are not on PATH (start one with `bash tools/slurm_local.sh start`)"
     try:
         proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -36,26 +48,84 @@ def _slurm_unavailable() -> str:
 
 
 _UNAVAILABLE = _slurm_unavailable()  # once: sinfo retries for a while when no controller answers
-pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE), reason=_UNAVAILABLE or "SLURM is up")
+_IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE) and not _IN_CI, reason=_UNAVAILABLE or "SLURM is up")
 
 
-def launch(demo_store, out, env=None, **extra):
-    cmd = [sys.executable, str(REPO / "launchers" / "slurm.py"), "pretrain", "--cluster", "slurm",
-           "--tasks-per-node", "2", "--timeout-min", "10", "--config", str(REPO / "configs" / "demo.yaml"),
-           *overrides(demo_store, out, **extra)]
+@pytest.fixture(autouse=True)
+def _slurm_required_in_ci():
+    """Under CI a missing SLURM is a failure, not a skip: .ci/run starts one and must not pass without it."""
+    if _UNAVAILABLE:
+        pytest.fail(f"CI=true but {_UNAVAILABLE}", pytrace=False)
+    yield
+
+
+def queued() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30,
+                          check=True).stdout.split()
+
+
+def launcher_cmd(demo_store, out, *flags, **extra):
+    return [sys.executable, LAUNCHER, "pretrain", "--cluster", "slurm", "--tasks-per-node", "2", *flags,
+            "--config", str(REPO / "configs" / "demo.yaml"), *overrides(demo_store, out, **{**TINY, **extra})]
+
+
+def _cancel_jobs_of(out):
+    """The launcher only waits: cancel its job, or it would hold the node for the tests that follow."""
+    for script in (out / "pretrain" / "submitit").glob("*_submission.sh"):
+        subprocess.run(["scancel", script.name.split("_")[0]], timeout=30, check=False)
+
+
+def launch(demo_store, out, *flags, env=None, timeout=240, expect_rc=0, **extra):
+    """Run the launcher to its end; (job id, stdout + stderr, the process)."""
+    cmd = launcher_cmd(demo_store, out, *flags, **extra)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=out, check=False,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=out, check=False,
+                              stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     except subprocess.TimeoutExpired:
-        # the launcher only waits: cancel its job, or it would hold the node for the tests that follow
-        for script in (out / "pretrain" / "submitit").glob("*_submission.sh"):
-            subprocess.run(["scancel", script.name.split("_")[0]], timeout=30, check=False)
+        _cancel_jobs_of(out)
         raise
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    assert proc.returncode == expect_rc, log[-4000:]
     match = re.search(r"submitted pretrain as job (\d+) \(slurm\)", proc.stdout)
     assert match, f"not submitted to SLURM:\n{log[-3000:]}"
-    return match.group(1), log
+    return match.group(1), log, proc
+
+
+def launch_in_background(demo_store, out, *flags, **extra):
+    """Start the launcher; (its Popen, the job id) once sbatch answered."""
+    proc = subprocess.Popen(launcher_cmd(demo_store, out, *flags, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=out, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = proc.stdout.readline()
+    match = re.search(r"submitted pretrain as job (\d+) \(slurm\)", first)
+    if not match:
+        proc.kill()
+        out_text, err_text = proc.communicate()
+        raise AssertionError(f"not submitted: {first}{out_text}{err_text}"[-3000:])
+    return proc, match.group(1)
+
+
+def finish(proc, out, timeout):
+    try:
+        out_text, err_text = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _cancel_jobs_of(out)
+        raise
+    return proc.returncode, out_text, err_text
+
+
+def wait_for_steps(out, n, proc, timeout=120):
+    """Until metrics.jsonl holds at least n steps (the job is training)."""
+    deadline = time.monotonic() + timeout
+    path = out / "pretrain" / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "the launcher ended before the job trained"
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {n} steps logged after {timeout}s")
 
 
 def slurm_job(job_id: str, wait_s: float = 60) -> dict:
@@ -74,6 +144,18 @@ def slurm_job(job_id: str, wait_s: float = 60) -> dict:
         time.sleep(0.5)
 
 
+def sacct_runs(job_id: str) -> list[str]:
+    """The states of each run of the job in accounting (`sacct -D`: a requeued run is REQUEUED)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+        runs = [line.split()[0] for line in text.splitlines() if line.strip()]
+        if (runs and runs[-1] not in ("RUNNING", "PENDING", "COMPLETING")) or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
 def logged_steps(out):
     return [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
 
@@ -82,8 +164,41 @@ def task_logs(out, job_id, task):
     return (out / "pretrain" / "submitit" / f"{job_id}_{task}_log.out").read_text()
 
 
+def mlflow_steps(out) -> list[int]:
+    """The steps of the one MLflow run's loss history (asserts there is exactly one run)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return [m.step for m in sorted(client.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: m.step)]
+
+
+def straight_run(demo_store, out, **extra):
+    """The same config straight under torchrun (2 processes): the reference encoder."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pcl_hpc",
+           "pretrain", "--config", str(REPO / "configs" / "demo.yaml"), *overrides(demo_store, out, **{**TINY, **extra})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "pretrain" / "encoder.pt"
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"not bit-identical to the straight run: {different[:5]}"
+
+
+def assert_each_step_once(out, steps):
+    assert logged_steps(out) == list(range(1, steps + 1)), "metrics.jsonl: each step exactly once"
+    assert mlflow_steps(out) == list(range(1, steps + 1)), "MLflow: one run, each step logged exactly once"
+
+
+# ---------------------------------------------------------------- tests
+
+
 def test_slurm_pretrain_two_tasks(demo_store, tmp_path):
-    job_id, _ = launch(demo_store, tmp_path, **{"pretrain.max_steps": 1})
+    job_id, _, _ = launch(demo_store, tmp_path, "--timeout-min", "10", **{"pretrain.max_steps": 1})
     torch.load(tmp_path / "pretrain" / "encoder.pt", weights_only=True)
     assert logged_steps(tmp_path) == [1]
     assert "on 2 process(es)" in task_logs(tmp_path, job_id, 0), "both tasks must have joined one process group"
@@ -91,17 +206,131 @@ def test_slurm_pretrain_two_tasks(demo_store, tmp_path):
     job = slurm_job(job_id)
     assert job["JobState"] == "COMPLETED" and job["NumTasks"] == "2" and job["NumNodes"] == "1", job
     assert job["Restarts"] == "0" and job["ExitCode"] == "0:0", job
+    assert sacct_runs(job_id) == ["COMPLETED"], "accounting (slurmdbd) knows the job"
+    script = next((tmp_path / "pretrain" / "submitit").glob(f"{job_id}_submission.sh")).read_text()
+    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script, script
 
 
 def test_slurm_preempted_job_is_requeued_and_resumes(demo_store, tmp_path):
-    # SIGUSR1 reaches rank 1 after step 1: both ranks save step 2 and exit 75; rank 0 runs
-    # `scontrol requeue`. The second run resumes after step 2, so the step-1 fault never fires again.
-    job_id, _ = launch(demo_store, tmp_path, env={"PCL_HPC_FAULT": "signal:1:1"},
-                       **{"pretrain.max_steps": 4, "checkpoint.every_steps": 0})
+    # SIGUSR1 reaches rank 1 after step 1: both ranks save step 2 and exit 75; the job is still RUNNING,
+    # so rank 0 runs `scontrol requeue` (once). The second run resumes after step 2, so the step-1 fault
+    # never fires again.
+    job_id, _, _ = launch(demo_store, tmp_path, "--time", "10", env={"PCL_HPC_FAULT": "signal:1:1"},
+                          **{"pretrain.max_steps": 4, "checkpoint.every_steps": 0})
     torch.load(tmp_path / "pretrain" / "encoder.pt", weights_only=True)
     assert logged_steps(tmp_path) == [1, 2, 3, 4], "each step logged exactly once across the requeue"
     log0 = task_logs(tmp_path, job_id, 0)
     assert f"exit status {REQUEUE_EXIT_CODE}: requeue" in log0 and "resuming from" in log0, log0[-3000:]
+    assert f"requeued job {job_id} (restart 1 of at most" in log0, log0[-3000:]
     assert "on 2 process(es)" in log0, "the requeued run finished as one 2-process group"
     job = slurm_job(job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", job
+    assert sacct_runs(job_id) == ["REQUEUED", "COMPLETED"]
+
+
+def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
+    # 4000 steps take ~135 s at ~30 steps/s: more than a 2-minute time limit, whose SIGUSR1 comes 60-90 s
+    # before the end. Each run saves at the step after the signal and requeues; the job ends by itself.
+    steps = 4000
+    extra = {"pretrain.max_steps": steps, "pretrain.log_every": 1}
+    reference = straight_run(demo_store, tmp_path / "straight", **extra)
+    out = tmp_path / "slurm"
+    out.mkdir()
+    start = time.monotonic()
+    job_id, log, _ = launch(demo_store, out, timeout=1200, **extra, **{
+        "slurm.time": 2, "slurm.signal_delay_s": 60, "slurm.max_requeues": 20})
+    wall = time.monotonic() - start
+    job = slurm_job(job_id)
+    runs = sacct_runs(job_id)
+    print(f"time-limit job {job_id}: {wall:.0f} s, {job['Restarts']} restart(s); sacct: {runs}")
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, job
+    assert runs[-1] == "COMPLETED" and runs.count("REQUEUED") == int(job["Restarts"]), runs
+    log0 = task_logs(out, job_id, 0)
+    err0 = (out / "pretrain" / "submitit" / f"{job_id}_0_log.err").read_text()
+    assert "after SIGUSR1" in log0 and "Job not requeued" not in log0 + err0, log0[-3000:]
+    assert log0.count(f"requeued job {job_id} (restart") == int(job["Restarts"]), "one requeue per interruption"
+    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert_each_step_once(out, steps)
+
+
+@pytest.fixture(scope="module")
+def straight_900(demo_store, tmp_path_factory):
+    return straight_run(demo_store, tmp_path_factory.mktemp("straight900"), **{"pretrain.max_steps": 900})
+
+
+def test_external_scontrol_requeue_resumes_bit_identical(demo_store, tmp_path, straight_900):
+    # `scontrol requeue` sends SIGTERM to every task and requeues the job itself: both ranks save at the
+    # same step; rank 0 sees the restart count went up and does not requeue again (exactly one restart).
+    proc, job_id = launch_in_background(demo_store, tmp_path, "--time", "10", **{"pretrain.max_steps": 900})
+    wait_for_steps(tmp_path, 100, proc)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    rc, out_text, err_text = finish(proc, tmp_path, timeout=300)
+    assert rc == 0, (out_text + err_text)[-3000:]
+    job = slurm_job(job_id)
+    print(f"scontrol-requeue job {job_id}: {job['Restarts']} restart(s); sacct: {sacct_runs(job_id)}")
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
+    log0 = task_logs(tmp_path, job_id, 0)
+    assert "after SIGTERM" in log0 and f"job {job_id} is being requeued by SLURM" in log0, log0[-3000:]
+    assert "resuming from" in log0, log0[-3000:]
+    assert_same_weights(tmp_path / "pretrain" / "encoder.pt", straight_900)
+    assert_each_step_once(tmp_path, 900)
+
+
+def test_cancelled_job_stays_cancelled(demo_store, tmp_path):
+    # scancel sends SIGTERM too: the ranks save, but the job is CANCELLED, so nobody requeues it.
+    proc, job_id = launch_in_background(demo_store, tmp_path, "--time", "10", **{"pretrain.max_steps": 900})
+    wait_for_steps(tmp_path, 50, proc)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    rc, out_text, err_text = finish(proc, tmp_path, timeout=120)
+    lines = [line for line in err_text.splitlines() if line.strip()]
+    assert rc == REQUEUE_EXIT_CODE and len(lines) == 1, out_text + err_text
+    assert f"job {job_id} ended CANCELLED" in lines[0] and "continue with:" in lines[0], lines[0]
+    assert "checkpoints/step_" in lines[0] and "logs:" in lines[0], lines[0]
+    time.sleep(10)  # longer than a requeued job's hold (cred_expire + 1 s) and a scheduling pass
+    job = slurm_job(job_id, wait_s=0)
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", job
+    assert job_id not in queued()
+    assert "is ending (CANCELLED): not requeued" in task_logs(tmp_path, job_id, 0)
+
+
+def test_max_requeues_stops_with_one_line_that_continues(demo_store, tmp_path):
+    # slurm.max_requeues=0: the SIGUSR1 after step 1 saves step 2 and the job stops, not requeued, with one
+    # line: its state, the checkpoint, the command that continues it. That command finishes the run.
+    job_id, log, proc = launch(demo_store, tmp_path, "--time", "10", "--max-requeues", "0",
+                               env={"PCL_HPC_FAULT": "signal:1:1"}, expect_rc=REQUEUE_EXIT_CODE,
+                               **{"pretrain.max_steps": 4, "checkpoint.every_steps": 0})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert f"job {job_id} ended FAILED" in line and "stopped after 0 requeue(s) (slurm.max_requeues=0)" in line, line
+    assert "checkpoints/step_000000002 (step 2)" in line and "logs:" in line, line
+    job = slurm_job(job_id)
+    assert job["Restarts"] == "0" and job["JobState"] == "FAILED", job
+    command = line.split("continue with: ", 1)[1].split("; logs:", 1)[0]
+    again = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                           stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert logged_steps(tmp_path) == [1, 2, 3, 4]
+    assert "resuming from" in "".join(p.read_text() for p in (tmp_path / "pretrain" / "submitit").glob("*_0_log.out"))
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--partition", "nosuchpartition"], "is not a partition of this cluster"),
+    (["--gpus-per-node", "1"], "GPU"),
+    (["--cpus-per-task", str((os.cpu_count() or 1) + 1)], "CPUs per node"),
+    (["--time", "61"], "above partition"),  # tools/slurm_local.sh sets MaxTime=60 minutes
+])
+def test_bad_cluster_settings_fail_before_submission(demo_store, tmp_path, flags, says):
+    before = queued()
+    cmd = launcher_cmd(demo_store, tmp_path, *flags)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert says in lines[0] and lines[0].startswith("launchers/slurm.py: error: "), lines[0]
+    assert "submitted" not in proc.stdout
+    # (a job of an earlier test may still be leaving the queue: only new ids count)
+    assert not set(queued()) - set(before), "nothing may be queued"
+    newest = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-2minutes", "-o", "JobID,JobName,WorkDir"],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    assert str(tmp_path) not in newest, f"a job from this test reached accounting: {newest}"
+    assert not list((tmp_path / "pretrain" / "submitit").glob("*_submission.sh"))

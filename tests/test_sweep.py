@@ -86,12 +86,17 @@ def test_tiny_sweep_end_to_end_and_rerun_runs_nothing(demo_store, tmp_path):
     parent = [r for r in runs if r.data.tags.get("stage") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and sorted(r.data.tags["cell"] for r in children) == cells
+    for method in ("random", "pcl"):  # each method's best model (by validation Dice) is registered once
+        versions = client.search_model_versions(f"name='sweep-test-{method}-seg'")
+        assert len(versions) == 1 and versions[0].tags["cell"].startswith(f"{method}_M1_")
+        assert 0.0 <= float(versions[0].tags["test_dice"]) <= 1.0
 
     second = run_sweep(demo_store, out)
     assert "0 run now" in second.stdout and "finetune done" not in second.stdout and "pretrain done" not in second.stdout
     assert (sweep_dir / "summary.md").read_text() == summary, "the same summary"
     again = client.search_runs([experiment.experiment_id])
     assert len(again) == len(runs), "a rerun makes no new runs"
+    assert len(client.search_model_versions("name='sweep-test-pcl-seg'")) == 1, "nor registers again"
 
     # The same cells as array tasks (what launchers/slurm.py submits): plan, two shards, the report.
     import shutil

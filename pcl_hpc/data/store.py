@@ -328,3 +328,8 @@ def labeled_split(
     chosen = {pool[j] for j in order[: len(pool) if m is None else int(m)]}
     train = [v["id"] for v in labeled if v["fold"] != fold and v["patient"] in chosen]
     return {"train": train, "test": test}
+
+
+def split_hash(split: dict[str, list[str]]) -> str:
+    """A short hash of a split's volume ids (``{"train": [...], "val": [...], "test": [...]}``)."""
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]

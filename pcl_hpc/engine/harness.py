@@ -325,8 +325,10 @@ def fit(h: Harness) -> None:
 
 
 def run_key(stage: Stage) -> str:
-    """A hash of what a stage's result is a function of: its config, the store's content, its identity()."""
-    what = {"config": to_dict(stage.cfg), "store": read_manifest(stage.cfg.data.store).get("content_hash", ""),
+    """A hash of what a stage's result is a function of: its config (less where it runs: ``slurm``),
+    the store's content, its identity()."""
+    config = {k: v for k, v in to_dict(stage.cfg).items() if k != "slurm"}
+    what = {"config": config, "store": read_manifest(stage.cfg.data.store).get("content_hash", ""),
             **stage.identity()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -42,6 +42,15 @@ from pcl_hpc.tracking._common import (
     UNREGISTERED_DIR,
 )
 from pcl_hpc.tracking.fallback import REPLAY_TAG, read_fallback, replay_fallback
+from pcl_hpc.tracking.models import (
+    SEG_SPEC_FILE,
+    SEG_WEIGHTS_FILE,
+    SegmentationModel,
+    load_segmentation_model,
+    open_segmentation_model,
+    register_segmentation_model,
+    segmentation_model_name,
+)
 from pcl_hpc.tracking.registry import (
     ENCODER_FILE,
     MODEL_CONFIG_FILE,
@@ -64,6 +73,13 @@ from pcl_hpc.tracking.tracker import (
 )
 
 __all__ = [
+    "SEG_SPEC_FILE",
+    "SEG_WEIGHTS_FILE",
+    "SegmentationModel",
+    "load_segmentation_model",
+    "open_segmentation_model",
+    "register_segmentation_model",
+    "segmentation_model_name",
     "ENCODER_FILE",
     "FALLBACK_FILE",
     "HTTP_ENV_DEFAULTS",

@@ -76,7 +76,7 @@ class PclSegmentation(PythonModel):
         self.net.load_state_dict(state)
         self.net.eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # (N, C, H, W) -> (N, H, W)
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             return self.net(x).argmax(1).to(torch.uint8).numpy()
@@ -109,7 +109,8 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: model_spec.json holds a {type(spec).__name__}, not a model spec; "
                         "use the model_spec.json that `pcl-hpc finetune` wrote beside model.pt")
     if "export" in spec:
-        raise UserError(f"{where}: this is an exported model ({spec['export'].get('format', '?')}), not a "
+        formats = spec["export"].get("formats") if isinstance(spec["export"], dict) else None
+        raise UserError(f"{where}: this is an exported model ({', '.join(formats or ['?'])}), not a "
                         "fine-tuned one; pass the fine-tuning folder (model.pt + model_spec.json) or models:/<name>@<alias>")
     if spec.get("format") != SEG_SPEC_FORMAT or spec.get("kind", SEG_KIND) != SEG_KIND:
         raise UserError(f"{where}: model_spec.json has format {spec.get('format')!r} (kind {spec.get('kind')!r}); this "
@@ -160,8 +161,17 @@ def local_segmentation_files(source: str | Path | tuple | list) -> tuple[Path, P
         else:
             raise UserError(f"model {source!r} not found: give a fine-tuning folder, a model.pt with model_spec.json "
                             "beside it, models:/<name>@<alias> or models:/<name>/<version>")
+    return weights, spec
+
+
+def _local_model(source: str | Path | tuple | list) -> tuple[Path, dict[str, Any]]:
+    """(weights path, checked spec) of a local model: the spec is checked first, then the weights exist."""
+    weights, spec_path = local_segmentation_files(source)
+    where = str(weights)
+    spec = read_spec(spec_path, where)
     if not weights.is_file():
-        raise UserError(f"model {source}: weights file {weights} not found")
+        raise UserError(f"model {source}: weights file {weights} not found (model_spec.json names "
+                        f"{spec.get('weights')!r}); put model.pt back beside its model_spec.json")
     return weights, spec
 
 
@@ -219,10 +229,9 @@ def register_segmentation_model(
     files stay where they are; register them later with this function).
     """
     _check_alias(alias)
-    weights, spec_path = local_segmentation_files(folder_or_files)
-    where = str(weights)
-    spec = read_spec(spec_path, where)
-    state = _load_weights(weights, where)  # a state_dict of tensors, or a UserError before anything is logged
+    weights, spec = _local_model(folder_or_files)
+    spec_path = local_segmentation_files(folder_or_files)[1]
+    state = _load_weights(weights, str(weights))  # a state_dict of tensors, or a UserError before anything is logged
     latest = _tracker_module._latest_tracker
     tracker = latest if (latest is not None and latest.enabled) else None
     if tracker is not None and (tracker._ended or (run_id is not None and tracker.run_id not in (None, run_id))):
@@ -249,9 +258,15 @@ def register_segmentation_model(
 def _register(weights: Path, spec_path: Path, spec: dict, tensors: int, name: str, alias: str,
               tags: dict | None, run_id: str | None) -> str:
     import mlflow
+    import numpy as np
     from mlflow import MlflowClient
-    from mlflow.models import Model
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
+    channels = int((spec.get("model") or {}).get("in_channels", 1))
+    signature = ModelSignature(  # preprocessed slices in, class ids out
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
     client = MlflowClient()
     own_run = None
     if run_id is None:
@@ -276,12 +291,15 @@ def _register(weights: Path, spec_path: Path, spec: dict, tensors: int, name: st
             logged = mlflow.initialize_logged_model(
                 name=SEG_MODEL_NAME_IN_RUN, source_run_id=run_id,
                 experiment_id=client.get_run(run_id).info.experiment_id, model_type="pcl-segmentation")
-            info = Model.log(
-                artifact_path=None, name=SEG_MODEL_NAME_IN_RUN, flavor=mlflow.pyfunc, run_id=run_id,
-                python_model=str(code),
-                artifacts={"model": str(staged_weights), "model_spec": str(staged_spec)},
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-                registered_model_name=name, flavor_name="pyfunc.ModelFromCode", model_id=logged.model_id)
+            with warnings.catch_warnings():  # the signature says it all: an example would be run at log time
+                warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+                info = Model.log(
+                    artifact_path=None, name=SEG_MODEL_NAME_IN_RUN, flavor=mlflow.pyfunc, run_id=run_id,
+                    python_model=str(code),
+                    artifacts={"model": str(staged_weights), "model_spec": str(staged_spec)},
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                    registered_model_name=name, flavor_name="pyfunc.ModelFromCode", model_id=logged.model_id,
+                    signature=signature)
         version = str(info.registered_model_version)
         client.set_registered_model_alias(name, alias, version)
         version_tags = {"seg.sha256": digest, "seg.tensors": str(tensors), "seg.run_id": run_id,
@@ -317,8 +335,7 @@ def open_segmentation_model(source: str | Path, tracking_uri: str | None = None)
     if not text:
         raise UserError("no model given: pass a fine-tuning folder, a model.pt or models:/<name>@<alias>")
     if not text.startswith("models:/"):
-        weights, spec_path = local_segmentation_files(source)
-        spec = read_spec(spec_path, text)
+        weights, spec = _local_model(source)
         state = _load_weights(weights, text)
         return SegmentationModel(state, spec, {"source": "file", "file": weights.name, "sha256": _sha256(weights)})
     import mlflow

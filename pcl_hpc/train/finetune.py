@@ -19,13 +19,15 @@ from pcl_hpc.config import Config
 from pcl_hpc.data.augment import BatchAugment, augment_in_workers
 from pcl_hpc.data.dataset import SliceDataset
 from pcl_hpc.data.readers import file_sha256
+from pcl_hpc.data.store import split_hash
 from pcl_hpc.engine.harness import Harness, Stage, run, stage_folder
 from pcl_hpc.errors import UserError
 from pcl_hpc.evaluate import check_num_classes, load_labeled, score_volumes
 from pcl_hpc.losses import segmentation_loss
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.optim import build_finetune_optimizer
-from pcl_hpc.tracking import encoder_lineage, load_encoder_state, local_encoder_file, resolve_tracking_uri
+from pcl_hpc.tracking import (encoder_lineage, load_encoder_state, local_encoder_file, register_segmentation_model,
+                              resolve_tracking_uri, segmentation_model_name)
 
 
 RESULTS_FILE = "results.json"
@@ -178,9 +180,20 @@ class Finetune(Stage):
         write_text(out / SPEC_FILE, json.dumps(model_spec(self.cfg, h.manifest, self.identity(), names), indent=1))
         h.tracker.log_metrics({"test_dice": result["mean"]}, h.state.step)
         h.tracker.log_artifact(out / RESULTS_FILE)
+        registered = ""
+        if "cell" not in self.tags:  # sweep cells are compared in the sweep's results.csv; it registers the best
+            name = segmentation_model_name(self.cfg)
+            split = {"train": f.train_volumes, "val": f.val_volumes, "test": f.test_volumes}
+            encoder = self.identity()["encoder"]
+            version = register_segmentation_model(out, name, self.cfg.tracking.alias, tags={
+                "test_dice": result["mean"], "best_val_dice": h.state.best_score, "labeled_volumes": len(f.train_volumes),
+                "split_hash": split_hash(split),
+                **(encoder if isinstance(encoder, dict) else {"encoder": encoder})}, run_id=h.tracker.run_id)
+            registered = (f"; registered models:/{name}@{self.cfg.tracking.alias} (version {version})" if version
+                          else "; NOT registered (tracking unreachable; register_segmentation_model registers it later)")
         print(f"finetune done: {init_name(f.encoder)} with M={len(f.train_volumes)}: test Dice {result['mean']:.3f} "
-              f"(best val {h.state.best_score:.3f}); best model {out / 'model.pt'}, last {out / 'model_last.pt'}",
-              flush=True)
+              f"(best val {h.state.best_score:.3f}); best model {out / 'model.pt'}, last {out / 'model_last.pt'}"
+              f"{registered}", flush=True)
         return result
 
 
