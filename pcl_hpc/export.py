@@ -13,9 +13,7 @@ Each export is run once on a test batch of another shape and compared with PyTor
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,33 +127,8 @@ def export(model_source: str | Path, fmt: str, out: str | Path, *, tracking_uri:
     return {"model": path, "spec": spec_path}
 
 
-def add_arguments(cmd: argparse.ArgumentParser) -> None:
-    """The arguments of `pcl-hpc export` (pcl_hpc.cli declares the same)."""
-    cmd.add_argument("--model", required=True,
-                     help="fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>")
-    cmd.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="torchscript | onnx")
-    cmd.add_argument("--out", required=True, help="folder for the exported model and its model_spec.json")
-    cmd.add_argument("--tracking-uri", default="", help="registry for models:/ (default: $MLFLOW_TRACKING_URI)")
-
-
 def run_command(args) -> int:
     """`pcl-hpc export` (argparse namespace from pcl_hpc.cli)."""
     paths = export(args.model, args.format, args.out, tracking_uri=args.tracking_uri or None)
     print(f"export: {args.format} model {paths['model']}, preprocessing spec {paths['spec']}", flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pcl_hpc.export ...``: the same as ``pcl-hpc export ...``."""
-    parser = argparse.ArgumentParser(prog="pcl-hpc export", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_command(args)
-    except UserError as err:
-        print(f"pcl-hpc export: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,6 @@ atomically, the sidecar first and the mask last, so a requeued job skips the fin
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -419,23 +418,6 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
     return summary
 
 
-def add_arguments(cmd: argparse.ArgumentParser) -> None:
-    """The arguments of `pcl-hpc predict` (pcl_hpc.cli declares the same)."""
-    cmd.add_argument("--model", required=True,
-                     help="fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>")
-    cmd.add_argument("--input", required=True, nargs="+",
-                     help="scan (.nii.gz/.nii/.nrrd/.mha/.mhd), DICOM series folder, or a folder of them")
-    cmd.add_argument("--output", required=True, help="folder for the masks and their .json sidecars")
-    cmd.add_argument("--tta", action="store_true", help="average the softmax over identity + horizontal + vertical flips")
-    cmd.add_argument("--format", choices=FORMATS, default="nii.gz",
-                     help="mask format: nii.gz, or keep (the input's: .nrrd, .mha; DICOM -> .nii.gz)")
-    cmd.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
-    cmd.add_argument("--device", default="", help="cpu, cuda, cuda:<n> (default: cuda if available)")
-    cmd.add_argument("--batch", type=int, default=32, help="slices per forward pass")
-    cmd.add_argument("--tracking-uri", default="", help="registry for models:/ (default: $MLFLOW_TRACKING_URI)")
-    cmd.add_argument("--id-key", default="", help="<store>.idkey of a hashed-id store: name masks by its hashed ids")
-
-
 def run_command(args) -> int:
     """`pcl-hpc predict` (argparse namespace from pcl_hpc.cli): prints the summary; 1 if a scan failed."""
     summary = predict(args.model, args.input, args.output, tta=args.tta, fmt=args.format, overwrite=args.overwrite,
@@ -443,19 +425,3 @@ def run_command(args) -> int:
                       id_key=args.id_key or None)
     print(summary.format(), flush=True)
     return 0 if summary.ok else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pcl_hpc.predict ...``: the same as ``pcl-hpc predict ...``."""
-    parser = argparse.ArgumentParser(prog="pcl-hpc predict", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_command(args)
-    except UserError as err:
-        print(f"pcl-hpc predict: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from pcl_hpc.config import Config, DataConfig
 from pcl_hpc.data.preprocess import volume_settings
 from pcl_hpc.errors import UserError
 from pcl_hpc.export import ONNX_OPSET, export
-from pcl_hpc.export import main as export_main
+from pcl_hpc.cli import main as cli_main
 from pcl_hpc.models.unet import build_unet
 from pcl_hpc.predict import build_network, predict
 from pcl_hpc.tracking.models import open_segmentation_model
@@ -87,7 +87,7 @@ def test_onnx_matches_pytorch_with_a_dynamic_batch(model, tmp_path):
             np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-4)
 
     # both formats side by side from the same weights; the CLI entry writes the same files
-    assert export_main(["--model", str(folder / "model.pt"), "--format", "torchscript", "--out", str(tmp_path / "onnx")]) == 0
+    assert cli_main(["export", "--model", str(folder / "model.pt"), "--format", "torchscript", "--out", str(tmp_path / "onnx")]) == 0
     spec = json.loads(paths["spec"].read_text())
     assert set(spec["export"]["formats"]) == {"onnx", "torchscript"} and spec["export"]["formats"]["onnx"]["opset"] == 17
     assert len(spec["export"]["source"]["sha256"]) == 64
@@ -107,4 +107,4 @@ def test_export_errors_are_one_line(model, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(folder / "model.pt", bare / "model.pt")
-    assert export_main(["--model", str(bare), "--format", "onnx", "--out", str(tmp_path / "o2")]) == 2
+    assert cli_main(["export", "--model", str(bare), "--format", "onnx", "--out", str(tmp_path / "o2")]) == 2

@@ -223,7 +223,7 @@ def test_bad_scans_fail_one_line_each_and_the_rest_is_written(trained, tmp_path)
     rgb = sitk.Compose([sitk.GetImageFromArray(np.ones((10, 16, 16), np.float32))] * 3)  # 3 values per voxel
     sitk.WriteImage(rgb, str(scans / "rgb.mha"))
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 16, 16), np.float32)), str(scans / "good.nrrd"))  # same name
-    cmd = [sys.executable, "-m", "pcl_hpc.predict", "--model", str(folder), "--input", str(scans),
+    cmd = [sys.executable, "-m", "pcl_hpc", "predict", "--model", str(folder), "--input", str(scans),
            "--output", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from pcl_hpc.config import Config
 from pcl_hpc.errors import UserError
-from pcl_hpc.predict import main as predict_main
+from pcl_hpc.cli import main as cli_main
 from pcl_hpc.tracking import Tracker, promote_alias
 from pcl_hpc.tracking.models import load_segmentation_model, register_segmentation_model
 from tests.mlflow_server import _free_port, isolated_mlflow, mlflow_server  # noqa: F401
@@ -100,7 +100,7 @@ def test_register_load_promote_and_predict(mlflow_server, tmp_path):
     volume = np.random.default_rng(1).normal(100, 20, size=(24, 20, 6)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.2, 4.0, 1.0])), str(scan))
     out = tmp_path / "masks"
-    assert predict_main(["--model", f"models:/{name}@champion", "--input", str(scan), "--output", str(out),
+    assert cli_main(["predict", "--model", f"models:/{name}@champion", "--input", str(scan), "--output", str(out),
                          "--tracking-uri", mlflow_server]) == 0
     mask, image = sitk.ReadImage(str(out / "scan01.nii.gz")), sitk.ReadImage(str(scan))
     assert (mask.GetSize(), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection()) == (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -27,7 +26,7 @@ import torch
 
 import pcl_hpc.tracking.tracker as _tracker_module
 from pcl_hpc.errors import UserError
-from pcl_hpc.tracking._common import _ensure_experiment, _is_data_error, _short, _tag_str
+from pcl_hpc.tracking._common import _is_data_error, _short, _tag_str
 from pcl_hpc.tracking.registry import (
     _check_alias,
     _load_weights,
@@ -35,6 +34,7 @@ from pcl_hpc.tracking.registry import (
     _registry_uri,
     _resolve_version,
     _use_uri,
+    registration_run,
 )
 
 log = logging.getLogger(__package__)
@@ -268,18 +268,7 @@ def _register(weights: Path, spec_path: Path, spec: dict, tensors: int, name: st
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
     client = MlflowClient()
-    own_run = None
-    if run_id is None:
-        active = mlflow.active_run()
-        if active is not None:
-            run_id = active.info.run_id
-        else:
-            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "pcl-hpc"
-            exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or _ensure_experiment(
-                client, experiment, mlflow.get_tracking_uri())
-            own_run = client.create_run(exp_id, run_name=f"register-{name}")
-            run_id = own_run.info.run_id
-    try:
+    with registration_run(client, run_id, name) as run_id:
         with tempfile.TemporaryDirectory(prefix="pcl-seg-") as tmp:
             # under the canonical names, whatever the files are called here (model_best.pt, ...)
             staged_weights, staged_spec = Path(tmp) / SEG_WEIGHTS_FILE, Path(tmp) / SEG_SPEC_FILE
@@ -306,15 +295,6 @@ def _register(weights: Path, spec_path: Path, spec: dict, tensors: int, name: st
                         **_spec_tags(spec), **{str(k): _tag_str(v) for k, v in (tags or {}).items()}}
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, key, value)
-    except BaseException:
-        if own_run is not None:
-            try:
-                client.set_terminated(own_run.info.run_id, status="FAILED")
-            except Exception:  # noqa: BLE001 - the server may be gone; report the first error
-                pass
-        raise
-    if own_run is not None:
-        client.set_terminated(own_run.info.run_id, status="FINISHED")
     log.info("registered segmentation model %s version %s (alias %s) from run %s", name, version, alias, run_id)
     return version
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -144,14 +145,12 @@ def _registry_uri() -> str:
         return "?"
 
 
-def _register(
-    state: dict[str, torch.Tensor], model_cfg: ModelConfig, name: str, alias: str, tags: dict | None, run_id: str | None
-) -> str:
+@contextlib.contextmanager
+def registration_run(client, run_id: str | None, name: str):
+    """The run a model version is logged in: ``run_id``, else MLflow's active run, else a new run
+    ``register-<name>`` (experiment ``$MLFLOW_EXPERIMENT_NAME`` or pcl-hpc) ended FINISHED or FAILED."""
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.models import Model
 
-    client = MlflowClient()
     own_run = None
     if run_id is None:
         active = mlflow.active_run()
@@ -165,6 +164,27 @@ def _register(
             own_run = client.create_run(exp_id, run_name=f"register-{name}")
             run_id = own_run.info.run_id
     try:
+        yield run_id
+    except BaseException:
+        if own_run is not None:
+            try:
+                client.set_terminated(own_run.info.run_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - the server may be gone; report the first error
+                pass
+        raise
+    if own_run is not None:
+        client.set_terminated(own_run.info.run_id, status="FINISHED")
+
+
+def _register(
+    state: dict[str, torch.Tensor], model_cfg: ModelConfig, name: str, alias: str, tags: dict | None, run_id: str | None
+) -> str:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    client = MlflowClient()
+    with registration_run(client, run_id, name) as run_id:
         with tempfile.TemporaryDirectory(prefix="pcl-encoder-") as tmp:
             weights = Path(tmp) / ENCODER_FILE
             torch.save(state, weights)
@@ -204,15 +224,6 @@ def _register(
         }
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, str(key), _tag_str(value))
-    except BaseException:
-        if own_run is not None:
-            try:
-                client.set_terminated(own_run.info.run_id, status="FAILED")
-            except Exception:  # noqa: BLE001 - the server may be gone; report the first error
-                pass
-        raise
-    if own_run is not None:
-        client.set_terminated(own_run.info.run_id, status="FINISHED")
     log.info("registered %s version %s (alias %s) from run %s", name, version, alias, run_id)
     return version
 
