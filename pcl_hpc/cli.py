@@ -37,7 +37,7 @@ def _model_command_arguments(cmd: argparse.ArgumentParser, name: str) -> None:
                      help="mask format: nii.gz, or keep (the input's: .nrrd, .mha; DICOM -> .nii.gz)")
     cmd.add_argument("--overwrite", action="store_true", help="replace existing masks (default: skip them)")
     cmd.add_argument("--device", default="", help="cpu, cuda, cuda:<n> (default: cuda if available)")
-    cmd.add_argument("--batch", type=int, default=32, help="slices per forward pass")
+    cmd.add_argument("--batch", type=int, default=0, help="slices per forward pass (0: 32 on CUDA, 8 on CPU)")
     cmd.add_argument("--id-key", default="", help="<store>.idkey of a hashed-id store: name masks by its hashed ids")
 
 
