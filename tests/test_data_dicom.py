@@ -22,28 +22,16 @@ from pcl_hpc.config import DataConfig
 from pcl_hpc.data import store as zstore
 from pcl_hpc.data.preprocess import preprocess
 from tests.conftest import REPO, cli
+from tests.dicom_utils import write_dicom_series as shared_writer
 
 PHI = {"0010|0010": "Doe^Jane", "0010|0020": "PID-93817-X", "0010|0030": "19450317", "0008|0020": "20190512"}
 
 
 def write_dicom_series(folder, hu: np.ndarray, spacing=(0.8, 0.8, 2.5)) -> None:
     """hu (Z, Y, X) int16 -> one CT slice file per z, with patient tags set."""
-    folder.mkdir(parents=True)
     image = sitk.GetImageFromArray(hu.astype(np.int16))
     image.SetSpacing(spacing)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series = "1.2.826.0.1.3680043.2.1125.1.1"
-    for z in range(hu.shape[0]):
-        sl = image[:, :, z]
-        tags = {**PHI, "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series,
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(z + 1), "0018|0050": str(spacing[2]),
-                "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, z)))),
-                "0008|0018": f"{series}.{z + 1}"}
-        for k, v in tags.items():
-            sl.SetMetaData(k, v)
-        writer.SetFileName(str(folder / f"IM{z:04d}.dcm"))
-        writer.Execute(sl)
+    shared_writer(folder, image, PHI, modality="CT")
 
 
 def test_dicom_series_leaves_no_patient_identifiers(tmp_path, capfd):

@@ -28,6 +28,7 @@ from pcl_hpc.evaluate import predict_volume
 from pcl_hpc.predict import build_network, predict, predict_probabilities
 from pcl_hpc.tracking.models import open_segmentation_model
 from tests.conftest import REPO
+from tests.dicom_utils import write_dicom_series
 from tests.mlflow_server import isolated_mlflow
 
 PHI = {"0010|0010": "Doe^Jane", "0010|0020": "PID-93817-X", "0010|0030": "19450317", "0008|0020": "20190512",
@@ -155,21 +156,7 @@ def test_non_canonical_scan_at_another_spacing_gets_its_own_grid(trained, tmp_pa
 
 def _write_dicom_series(folder: Path, img: sitk.Image) -> None:
     """One int16 slice file per z of an LPS image, with patient identifiers in the tags."""
-    folder.mkdir(parents=True)
-    image = sitk.Cast(sitk.Round(img), sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series = "1.2.826.0.1.3680043.2.1125.7.1"
-    for z in range(image.GetSize()[2]):
-        sl = image[:, :, z]
-        tags = {**PHI, "0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": series,
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(z + 1), "0018|0050": str(image.GetSpacing()[2]),
-                "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, z)))),
-                "0008|0018": f"{series}.{z + 1}"}
-        for key, value in tags.items():
-            sl.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"IM{z:04d}.dcm"))
-        writer.Execute(sl)
+    write_dicom_series(folder, img, PHI, modality="MR", series="1.2.826.0.1.3680043.2.1125.7.1")
 
 
 def test_nifti_nrrd_and_dicom_series_without_patient_identifiers(trained, tmp_path):
