@@ -44,7 +44,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -59,295 +58,20 @@ import submitit  # noqa: E402
 from submitit.core.utils import (FailedJobError, FailedSubmissionError, JobPaths,  # noqa: E402
                                  UncompletedJobError, pickle_load)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+_REPO = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, _REPO)  # run from a checkout without installing
 
-from pcl_hpc import dist  # noqa: E402
+# the jobs unpickle launchers.jobs: they find it as the launcher does (SLURM and submitit pass the environment on)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p)
+
+from launchers.cluster import (ACTIVE_STATES, _run, check_cluster, gpus_in_gres, job_state, mem_mb,  # noqa: E402,F401
+                               parse_oneliner, slurm_minutes, task_states)
+from launchers.jobs import JobStopped, StageJob, checkpoint_text, stage_folder  # noqa: E402,F401
 from pcl_hpc.config import load_config  # noqa: E402
-from pcl_hpc.engine.checkpoint import latest_checkpoint  # noqa: E402
-from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE, Preempted  # noqa: E402
+from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE  # noqa: E402
 from pcl_hpc.errors import UserError  # noqa: E402
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
-# SLURM job states in which a job is still going (it may run again); anything else is final
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
-                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "POWER_UP_NODE"}
-
-
-class JobStopped(UserError):
-    """Rank 0 of a job that was interrupted and not requeued (slurm.max_requeues reached): one line."""
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def parse_oneliner(line: str) -> dict[str, str]:
-    """`scontrol -o show ...` output (one record per line, Key=Value fields) as a dict."""
-    return dict(m.groups() for m in re.finditer(r"(\S+?)=(\S*)", line))
-
-
-def slurm_minutes(text: str) -> float | None:
-    """A SLURM time ([days-]hours:minutes:seconds, minutes, ...) in minutes; None for no limit."""
-    text = text.strip()
-    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", "N/A", ""):
-        return None
-    days, _, rest = text.rpartition("-")
-    parts = [float(p) for p in rest.split(":")]
-    if days:  # days-hours[:minutes[:seconds]]
-        h, m, s = (parts + [0, 0])[:3]
-        return int(days) * 1440 + h * 60 + m + s / 60
-    if len(parts) == 1:  # minutes
-        return parts[0]
-    if len(parts) == 2:  # minutes:seconds
-        return parts[0] + parts[1] / 60
-    return parts[0] * 60 + parts[1] + parts[2] / 60  # hours:minutes:seconds
-
-
-def mem_mb(text: str) -> int:
-    """SLURM's --mem value ("16G", "512M", "1T", "4096": megabytes by default) in MB."""
-    match = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
-    if not match:
-        raise UserError(f"slurm.mem={text!r} is not a SLURM memory size: give e.g. 16G, 512M or \"\" for the default")
-    value, unit = int(match.group(1)), match.group(2) or "M"
-    return {"K": value // 1024, "M": value, "G": value * 1024, "T": value * 1024 * 1024}[unit]
-
-
-def gpus_in_gres(gres: str) -> int:
-    """GPUs in a node's Gres field: gpu:4, gpu:a100:4(S:0-1), gpu:a100:2,gpu:v100:2, (null)."""
-    total = 0
-    for item in re.split(r",(?![^()]*\))", gres or ""):
-        fields = re.sub(r"\(.*?\)", "", item).split(":")
-        if fields[0] == "gpu" and len(fields) >= 2 and fields[-1].isdigit():
-            total += int(fields[-1])
-    return total
-
-
-def job_state(job_id: str) -> dict[str, str]:
-    """{"JobState", "Restarts", ...} of a SLURM job: scontrol while slurmctld remembers it, else sacct; {} if unknown."""
-    try:
-        proc = _run(["scontrol", "-o", "show", "job", job_id])
-        if proc.returncode == 0 and "JobState=" in proc.stdout:
-            return parse_oneliner(proc.stdout.splitlines()[0])
-        # slurmctld forgot it (MinJobAge): accounting has one line per run (-D), the last is the current one
-        proc = _run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State,ExitCode"])
-        lines = [line for line in proc.stdout.splitlines() if line.strip()]
-        if proc.returncode == 0 and lines:
-            fields = lines[-1].split("|")
-            return {"JobState": fields[0].split()[0], "ExitCode": fields[1] if len(fields) > 1 else "",
-                    "Restarts": str(sum(line.split("|")[0].startswith("REQUEUED") for line in lines))}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {}
-
-
-def base_state(job_id: str) -> str:
-    """The state accounting records for the job's current run (CANCELLED while scontrol says COMPLETING)."""
-    try:
-        proc = _run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"])
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    lines = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    return lines[-1] if proc.returncode == 0 and lines else ""
-
-
-def stage_folder(cfg, stage: str) -> Path:
-    """Where the stage writes (its submitit logs go beside its outputs)."""
-    if stage == "pretrain":
-        from pcl_hpc.train.pretrain import folder
-    else:
-        from pcl_hpc.train.finetune import folder
-    return folder(cfg)
-
-
-def checkpoint_text(folder: Path) -> str:
-    """'<latest checkpoint> (step N)', or '' when the stage has none."""
-    latest = latest_checkpoint(folder)
-    if latest is None or not latest.is_dir():
-        return ""
-    try:
-        step = json.loads((latest / "meta.json").read_text())["train"]["step"]
-        return f"{latest} (step {step})"
-    except (OSError, ValueError, KeyError):
-        return str(latest)
-
-
-def _resume_overrides(overrides: list[str]) -> list[str]:
-    """The overrides of a command that continues the run: without checkpoint.resume / checkpoint.path."""
-    return [o for o in overrides if o.split("=", 1)[0].strip() not in ("checkpoint.resume", "checkpoint.path")]
-
-
-# ---------------------------------------------------------------- the job
-
-
-class StageJob(submitit.helpers.Checkpointable):
-    """A picklable job: one task per process; sets the torch.distributed variables, then runs the stage.
-
-    Checkpointable: submitit's handler calls :meth:`checkpoint` (on rank 0, inside the signal handler)
-    only when SIGUSR1 arrives outside the training loop; during training the StepGuard has the signal.
-    """
-
-    def __init__(self, stage: str, config_path: str, overrides: list[str], max_requeues: int = 3,
-                 continue_command: str = ""):
-        self.stage, self.config_path, self.overrides = stage, config_path, list(overrides)
-        self.max_requeues, self.continue_command = int(max_requeues), continue_command
-
-    def __call__(self):
-        job = submitit.JobEnvironment()
-        tasks = max(job.num_tasks, 1)
-        os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(job.local_rank),
-                          LOCAL_WORLD_SIZE=str(tasks // max(job.num_nodes, 1)))
-        if tasks > 1:
-            os.environ.update(MASTER_ADDR=job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1",
-                              MASTER_PORT=str(dist.master_port(job.job_id)))
-        overrides = list(self.overrides)
-        cfg = load_config(self.config_path, overrides)
-        if _restarts() > 0 and latest_checkpoint(stage_folder(cfg, self.stage)) is not None:
-            # a requeued run always continues its own checkpoint (not a checkpoint.path it started from)
-            cfg = load_config(self.config_path, overrides + ["checkpoint.resume=true", "checkpoint.path="])
-        try:
-            return self.run_stage(cfg)
-        except Preempted:
-            # Every rank saved at the same step; rank 0 decides whether this job needs a requeue.
-            if job.global_rank == 0:
-                self.after_preemption(job, cfg)
-            raise
-
-    def run_stage(self, cfg):
-        if self.stage == "pretrain":
-            from pcl_hpc.train.pretrain import pretrain
-
-            return str(pretrain(cfg))
-        from pcl_hpc.train.finetune import finetune
-
-        return finetune(cfg)
-
-    def _where(self, cfg) -> str:
-        ckpt = checkpoint_text(stage_folder(cfg, self.stage)) or "none yet"
-        return f"checkpoint {ckpt}; continue with: {self.continue_command}"
-
-    def after_preemption(self, job, cfg) -> None:
-        """Rank 0, after every rank saved: requeue once if SLURM will not; past max_requeues, stop with one line."""
-        for sig in (signal.SIGUSR1, signal.SIGTERM):  # we are stopping: a second signal must not requeue again
-            signal.signal(sig, signal.SIG_IGN)
-        job_id = os.environ.get("SLURM_JOB_ID")
-        if job.cluster != "slurm" or not job_id:
-            print(f"{self.stage} stopped after a signal; {self._where(cfg)}", flush=True)
-            return
-        restarts, info = _restarts(), job_state(job_id)
-        state = info.get("JobState", "UNKNOWN")
-        if state == "RUNNING":  # time limit, `scancel --signal`: nobody else requeues this job
-            if restarts >= self.max_requeues:
-                raise JobStopped(f"job {job_id} stopped after {restarts} requeue(s) (slurm.max_requeues="
-                                 f"{self.max_requeues}); {self._where(cfg)}")
-            proc = _run(["scontrol", "requeue", job_id], timeout=60)
-            if proc.returncode == 0:
-                print(f"requeued job {job_id} (restart {restarts + 1} of at most {self.max_requeues}); it resumes "
-                      f"from {checkpoint_text(stage_folder(cfg, self.stage))}", flush=True)
-            else:
-                print(f"scontrol requeue {job_id} failed: {(proc.stderr or proc.stdout).strip()}; "
-                      f"{self._where(cfg)}", flush=True)
-            return
-        if state == "COMPLETING":  # ending: accounting knows why (CANCELLED, REQUEUED, TIMEOUT, ...)
-            state = base_state(job_id) or state
-        if state in ("REQUEUED", "PREEMPTED") or (info.get("Restarts", "").isdigit() and int(info["Restarts"]) > restarts):
-            print(f"job {job_id} is being requeued by SLURM (scontrol requeue or preemption); it resumes from "
-                  f"{checkpoint_text(stage_folder(cfg, self.stage))}", flush=True)
-            return
-        # cancelled, or ending for another reason (node failure, the hard time limit): never undone by a requeue
-        print(f"job {job_id} is ending ({state}): not requeued; {self._where(cfg)}", flush=True)
-
-    def checkpoint(self, *args, **kwargs):
-        """Inside submitit's SIGUSR1 handler on rank 0 (outside the training loop): nothing is saved or
-        sent here; the resubmission is returned and submitit requeues the job, which resumes from latest."""
-        if _restarts() >= self.max_requeues:
-            print(f"not requeued: {_restarts()} requeue(s) already (slurm.max_requeues={self.max_requeues}); "
-                  f"continue with: {self.continue_command}", flush=True)
-            return None
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-def _restarts() -> int:
-    value = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return int(value) if value.isdigit() else 0
-
-
-# ---------------------------------------------------------------- cluster checks
-
-
-def check_cluster(s) -> None:
-    """The slurm settings against this cluster's own answers; a UserError (one line) for the first that cannot run."""
-    try:
-        proc = _run(["sinfo", "-h", "-o", "%R"])
-    except (OSError, subprocess.SubprocessError) as err:
-        raise UserError(f"--cluster slurm: sinfo does not answer ({err}); is slurmctld running?") from None
-    if proc.returncode != 0:
-        raise UserError(f"--cluster slurm: sinfo failed: {(proc.stderr or proc.stdout).strip()[:300]}")
-    names = sorted(set(proc.stdout.split()))
-    partitions = {}
-    for line in _run(["scontrol", "-o", "show", "partition"]).stdout.splitlines():
-        fields = parse_oneliner(line)
-        if "PartitionName" in fields:
-            partitions[fields["PartitionName"]] = fields
-    if not names:
-        names = sorted(partitions)
-    if s.partition:
-        if s.partition not in names:
-            raise UserError(f"slurm.partition={s.partition!r} is not a partition of this cluster "
-                            f"(sinfo lists: {', '.join(names) or 'none'})")
-        name = s.partition
-    else:
-        default = [n for n, f in partitions.items() if f.get("Default") == "YES"]
-        if not default and not names:
-            raise UserError("this cluster has no partition (sinfo lists none)")
-        name = (default or names)[0]
-    part = partitions.get(name, {})
-    limit = slurm_minutes(part.get("MaxTime", "UNLIMITED"))
-    if limit is not None and s.time > limit:
-        raise UserError(f"slurm.time={s.time} minutes is above partition {name}'s MaxTime of {limit:g} minutes "
-                        f"({part.get('MaxTime')}); lower slurm.time (the job is requeued from its checkpoint anyway)")
-    nodes = []
-    for line in _run(["scontrol", "-o", "show", "node"]).stdout.splitlines():
-        fields = parse_oneliner(line)
-        if "NodeName" in fields and name in fields.get("Partitions", "").split(","):
-            nodes.append(fields)
-    if not nodes:
-        raise UserError(f"partition {name} has no nodes (scontrol show node)")
-    if s.nodes > len(nodes):
-        raise UserError(f"slurm.nodes={s.nodes} but partition {name} has {len(nodes)} node(s)")
-    cpus = [int(n.get("CPUTot", "0") or 0) for n in nodes]
-    gpus = [gpus_in_gres(n.get("Gres", "")) for n in nodes]
-    mems = [int(n.get("RealMemory", "0") or 0) for n in nodes]
-    need_cpus = s.tasks_per_node * s.cpus_per_task
-    if need_cpus > max(cpus):
-        raise UserError(f"slurm.tasks_per_node={s.tasks_per_node} x slurm.cpus_per_task={s.cpus_per_task} = "
-                        f"{need_cpus} CPUs per node, but the nodes of partition {name} have at most {max(cpus)}")
-    if s.gpus_per_node > max(gpus):
-        raise UserError(f"slurm.gpus_per_node={s.gpus_per_node}, but the nodes of partition {name} have at most "
-                        f"{max(gpus)} GPU(s)")
-    need_mem = mem_mb(s.mem) if s.mem else 0
-    if need_mem > max(mems):
-        raise UserError(f"slurm.mem={s.mem} ({need_mem} MB), but the nodes of partition {name} have at most "
-                        f"{max(mems)} MB")
-    features = {f for n in nodes for f in re.split(r"[,\s]", n.get("AvailableFeatures", "")) if f and f != "(null)"}
-    for feature in re.findall(r"[A-Za-z_][\w.-]*", s.constraint):
-        if feature not in features:
-            raise UserError(f"slurm.constraint={s.constraint!r}: no node of partition {name} has the feature "
-                            f"{feature!r} (features: {', '.join(sorted(features)) or 'none'})")
-    fit = [i for i in range(len(nodes)) if cpus[i] >= need_cpus and gpus[i] >= s.gpus_per_node and mems[i] >= need_mem]
-    if len(fit) < s.nodes:
-        raise UserError(f"slurm.nodes={s.nodes}, but only {len(fit)} node(s) of partition {name} have {need_cpus} CPUs, "
-                        f"{s.gpus_per_node} GPU(s) and {need_mem} MB each")
-    for key, kind, value in (("account", "account", s.account), ("qos", "qos", s.qos)):
-        if not value:
-            continue
-        proc = _run(["sacctmgr", "-n", "-P", "show", kind, f"format={'account' if kind == 'account' else 'name'}"])
-        known = {line.strip() for line in proc.stdout.splitlines() if line.strip()}
-        if proc.returncode == 0 and known and value not in known:
-            raise UserError(f"slurm.{key}={value!r} is not known to this cluster's accounting "
-                            f"(sacctmgr lists: {', '.join(sorted(known))})")
 
 
 # ---------------------------------------------------------------- submission
@@ -357,19 +81,16 @@ FLAGS = {  # flag dest -> slurm.<key>: each given flag becomes an override that 
     "partition": "partition", "account": "account", "qos": "qos", "time": "time", "nodes": "nodes",
     "tasks_per_node": "tasks_per_node", "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task",
     "mem": "mem", "constraint": "constraint", "exclusive": "exclusive", "signal_delay_s": "signal_delay_s",
-    "max_requeues": "max_requeues", "setup": "setup", "cluster": "cluster",
+    "max_requeues": "max_requeues", "setup": "setup", "cluster": "cluster", "array_parallelism": "array_parallelism",
+    "cells_per_task": "cells_per_task", "array_tasks": "array_tasks",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Submit pcl-hpc pretrain / finetune with submitit. Cluster settings "
-                                     "come from the config's slurm: section (slurm.key=value); these flags win.")
-    parser.add_argument("stage", choices=["pretrain", "finetune"])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+def add_cluster_flags(parser: argparse.ArgumentParser, overrides: bool = True) -> None:
+    if overrides:
+        parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     parser.add_argument("--cluster", choices=CLUSTERS, default=None,
                         help="auto: SLURM when sbatch is available, else local processes; debug: in this process")
-    parser.add_argument("--folder", default="", help="submitit logs (default: <stage folder>/submitit)")
     parser.add_argument("--partition")
     parser.add_argument("--account")
     parser.add_argument("--qos")
@@ -384,7 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signal-delay-s", type=int, help="SIGUSR1 this long before the time limit")
     parser.add_argument("--max-requeues", type=int)
     parser.add_argument("--setup", action="append", help="a shell line run before the tasks (repeatable)")
-    parser.add_argument("--no-wait", action="store_true", help="submit and return without waiting for the result")
+    parser.add_argument("--array-parallelism", type=int, help="array tasks running at once (%%K; 0 = no limit)")
+    parser.add_argument("--cells-per-task", type=int, help="sweep cells packed into one array task")
+    parser.add_argument("--array-tasks", type=int, help="array tasks of preprocess / predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launchers/slurm.py", description="Submit pcl-hpc with submitit: pretrain | finetune (one job), sweep "
+        "(a job array and its report), pipeline (preprocess -> pretrain per method -> register -> sweep -> report), "
+        "predict (an array over the inputs), status <folder>. Cluster settings come from the config's slurm: section "
+        "(slurm.key=value); the flags win.")
+    parser.add_argument("stage", choices=["pretrain", "finetune", "sweep", "pipeline"])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--folder", default="", help="submitit logs of pretrain/finetune (default: <stage folder>/submitit)")
+    parser.add_argument("--no-wait", action="store_true", help="pretrain/finetune: submit and return without waiting")
+    parser.add_argument("--wait", action="store_true", help="sweep/pipeline: wait until every job ended, then status")
+    add_cluster_flags(parser)
+    return parser
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    from pcl_hpc.cli import _model_command_arguments
+
+    parser = argparse.ArgumentParser(prog="launchers/slurm.py predict", description="pcl-hpc predict as a job array: "
+                                     "slurm.array_tasks shards of the inputs, one GPU each (cluster settings: "
+                                     "the flags, or --config's slurm: section)")
+    _model_command_arguments(parser, "predict")
+    parser.add_argument("--config", default=None, help="only for its slurm: section")
+    parser.add_argument("--wait", action="store_true", help="wait until every task ended, then status")
+    add_cluster_flags(parser, overrides=False)
+    return parser
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launchers/slurm.py status", description="jobs and cells of a sweep, "
+                                     "pipeline or predict submission: states, restarts, progress, logs, errors")
+    parser.add_argument("folder", help="its output_dir (predict: its --output)")
+    parser.add_argument("--resubmit", action="store_true", help="submit again the tasks that did not complete "
+                        "(and the steps that waited for them)")
     return parser
 
 
@@ -441,17 +200,18 @@ def continue_command(args: argparse.Namespace, argv: list[str]) -> str:
     return shlex.join([sys.executable, script, *keep])
 
 
-def submit(args: argparse.Namespace, argv: list[str]) -> int:
-    overrides = list(args.overrides) + flag_overrides(args)
-    cfg = load_config(args.config, overrides)  # a bad config fails here, not in the queue
-    s = cfg.slurm
+def _resume_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of a command that continues the run: without checkpoint.resume / checkpoint.path."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() not in ("checkpoint.resume", "checkpoint.path")]
+
+
+def checked_cluster(s, tasks_allowed: bool = True) -> str:
+    """The cluster to use for the slurm settings ``s``, once they were checked against it (one line if not)."""
     cluster = resolve_cluster(s.cluster)
     tasks = s.nodes * s.tasks_per_node
-    if args.stage == "finetune" and tasks > 1:
-        raise UserError("finetune runs as a single task: use --nodes 1 --tasks-per-node 1")
     if cluster in ("local", "debug") and s.nodes > 1:
         raise UserError(f"--cluster {cluster} runs on one node: use --nodes 1, or submit from a SLURM login node")
-    if cluster == "debug" and tasks > 1:
+    if cluster == "debug" and tasks > 1 and tasks_allowed:
         raise UserError("--cluster debug runs one task in this process: use --tasks-per-node 1, or --cluster local")
     if s.mem:
         mem_mb(s.mem)
@@ -459,6 +219,16 @@ def submit(args: argparse.Namespace, argv: list[str]) -> int:
         if not shutil.which("sbatch"):
             raise UserError("--cluster slurm: sbatch is not on PATH (use --cluster local on a machine without SLURM)")
         check_cluster(s)
+    return cluster
+
+
+def submit(args: argparse.Namespace, argv: list[str]) -> int:
+    overrides = list(args.overrides) + flag_overrides(args)
+    cfg = load_config(args.config, overrides)  # a bad config fails here, not in the queue
+    s = cfg.slurm
+    if args.stage == "finetune" and s.nodes * s.tasks_per_node > 1:
+        raise UserError("finetune runs as a single task: use --nodes 1 --tasks-per-node 1")
+    cluster = checked_cluster(s)
     folder = Path(args.folder or stage_folder(cfg, args.stage) / "submitit")
     executor = make_executor(cluster, folder, s, f"pcl-hpc-{args.stage}")
     command = continue_command(args, argv)
@@ -471,6 +241,66 @@ def submit(args: argparse.Namespace, argv: list[str]) -> int:
     if args.no_wait:
         return 0
     return wait(job, cluster, cfg, args.stage, folder, command)
+
+
+def submit_chain(args: argparse.Namespace, argv: list[str]) -> int:
+    """sweep | pipeline | predict: the steps, submitted chained (SLURM) or run in order (local, debug)."""
+    from launchers import chain
+
+    overrides = list(getattr(args, "overrides", [])) + flag_overrides(args)
+    config = chain.config_path(args.config) if args.config else None
+    cfg = load_config(config, overrides)
+    cluster = checked_cluster(chain.step_settings(cfg.slurm, "cells"), tasks_allowed=False)
+    if args.stage == "pipeline":
+        steps = chain.preprocess_steps(cfg, config, overrides)
+        steps += chain.sweep_steps(cfg, config, overrides, [s.name for s in steps])
+        out = Path(cfg.output_dir)
+    elif args.stage == "sweep":
+        steps, out = chain.sweep_steps(cfg, config, overrides, []), Path(cfg.output_dir)
+    else:  # predict: the predict command's own arguments, the inputs made absolute
+        steps = chain.predict_steps(predict_argv(args), cfg.slurm.array_tasks)
+        out = Path(args.output).absolute()
+    if not steps:
+        print(f"{args.stage}: every stage is complete and current; nothing to submit (outputs in {out})")
+        return 0
+    check_steps(cluster, steps, cfg.slurm)
+    print(f"{args.stage}: {len(steps)} step(s) on {cluster}:", flush=True)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            records = chain.submit_steps(cluster, steps, out, cfg, shlex.join([sys.executable, *sys.argv]),
+                                         wait_local=lambda step, jobs: wait_results(jobs))
+    except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as err:
+        raise UserError(f"sbatch refused a job: {' '.join(str(err).split())[:400]}") from None
+    print(f"watch: python launchers/slurm.py status {out}"
+          + (f"   (squeue -u $USER; tail -f {records[0]['logs']}/*_log.out)" if cluster == "slurm" else ""), flush=True)
+    if cluster != "slurm":
+        from launchers.status import status
+
+        return status(out)
+    if not getattr(args, "wait", False):
+        return 0
+    return wait_chain(records, out)
+
+
+def check_steps(cluster: str, steps, s) -> None:
+    """Each step's own settings against the cluster (a pretrain step asks for the section's tasks and GPUs)."""
+    from launchers.chain import step_settings
+
+    if cluster == "slurm":
+        for kind in dict.fromkeys(step.kind for step in steps):
+            check_cluster(step_settings(s, kind))
+
+
+def predict_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["predict", "--model", args.model if args.model.startswith("models:/") else str(Path(args.model).absolute()),
+            "--input", *[str(Path(p).absolute()) for p in args.input], "--output", str(Path(args.output).absolute()),
+            "--format", args.format]
+    argv += ["--tta"] * bool(args.tta) + ["--overwrite"] * bool(args.overwrite)
+    argv += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+    argv += ["--device", args.device] if args.device else []
+    argv += ["--batch", str(args.batch)] if args.batch else []
+    argv += ["--id-key", str(Path(args.id_key).absolute())] if args.id_key else []
+    return argv
 
 
 # ---------------------------------------------------------------- waiting
@@ -571,10 +401,51 @@ def _report_failure(job, cluster, info, err, cfg, stage, folder, command) -> int
     return REQUEUE_EXIT_CODE if resumable else 1
 
 
+def wait_results(jobs) -> bool:
+    """local / debug: every job's result; False (and the job's last error line) when one failed."""
+    ok = True
+    for job in jobs:
+        try:
+            job.results()
+        except (FailedJobError, UncompletedJobError) as err:
+            print(f"  job {job.job_id} failed: {_last_line(str(err).split('You can check full logs')[0])}", flush=True)
+            ok = False
+    return ok
+
+
+def wait_chain(records: list[dict], out: Path, poll_s: float = 5) -> int:
+    """Until no task of the chain can still run; then the status table and its exit status."""
+    from launchers.status import status
+
+    while True:
+        states = {}
+        for record in records:
+            tasks = task_states(record["job_id"])
+            for task in record["tasks"]:
+                info = tasks.get(task["job_id"].partition("_")[2], {})
+                states[task["job_id"]] = info.get("state", "UNKNOWN"), info.get("reason", "")
+        going = [j for j, (state, reason) in states.items()
+                 if state in ACTIVE_STATES and reason != "DependencyNeverSatisfied"]
+        if not going:
+            return status(out)
+        time.sleep(poll_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_intermixed_args(argv)
     try:
+        if argv[:1] == ["status"]:
+            from launchers.status import status
+
+            args = build_status_parser().parse_args(argv[1:])
+            return status(Path(args.folder), resubmit=args.resubmit)
+        if argv[:1] == ["predict"]:
+            args = build_predict_parser().parse_args(argv[1:])
+            args.stage = "predict"
+            return submit_chain(args, argv)
+        args = build_parser().parse_intermixed_args(argv)
+        if args.stage in ("sweep", "pipeline"):
+            return submit_chain(args, argv)
         return submit(args, argv)
     except UserError as err:
         print(f"launchers/slurm.py: error: {' '.join(str(err).split())}", file=sys.stderr)

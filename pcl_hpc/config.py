@@ -207,6 +207,9 @@ class SlurmConfig:
     signal_delay_s: int = bounded(90, ge=10, le=65535)  # SLURM sends SIGUSR1 this long before the time limit (up to 30 s earlier): every rank saves at the next step and the job is requeued
     max_requeues: int = bounded(3, ge=0)  # interruptions (time limit, preemption, requeue, signal) survived by requeueing; past it the job stops with its checkpoint kept
     setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start, e.g. ["module load cuda/12.4", "source venv/bin/activate"]
+    array_parallelism: int = bounded(0, ge=0)  # array tasks (sweep cells, preprocess and predict shards) running at once (%K); 0 = no limit
+    cells_per_task: int = bounded(1, ge=1)  # sweep cells packed into one array task (run gpus_per_node at a time)
+    array_tasks: int = bounded(4, ge=1)  # array tasks of preprocess (launchers/slurm.py pipeline) and predict
 
 
 @dataclass

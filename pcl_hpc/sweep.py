@@ -130,11 +130,13 @@ def encoders(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def plan(cfg: Config, manifest: dict) -> list[Cell]:
+def plan(cfg: Config, manifest: dict | None) -> list[Cell]:
+    """The cells, in table order (``manifest=None``: before the store exists, its folds from ``data.folds``)."""
     s = cfg.sweep
     if any(m < 1 for m in s.labeled) or not s.labeled or not s.seeds:
         raise UserError(f"sweep.labeled={s.labeled} and sweep.seeds={s.seeds}: give at least one M >= 1 and one seed")
-    folds = s.folds if s.folds is not None else list(range(int(manifest["settings"].get("folds", 5))))
+    k = int(manifest["settings"].get("folds", 5)) if manifest is not None else cfg.data.folds
+    folds = s.folds if s.folds is not None else list(range(k))
     return [Cell(name, source, m, fold, seed) for name, source in encoders(cfg)
             for m in sorted(set(s.labeled)) for fold in folds for seed in s.seeds]
 
@@ -157,6 +159,16 @@ def cell_stage(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None =
         tags["mlflow.parentRunId"] = parent_run_id  # a nested run under the sweep's
     run_cfg = cell_config(cfg, cell, split)
     return Finetune(run_cfg, run_cfg.finetune, folder(cfg) / "cells" / cell.name, tags=tags)
+
+
+def is_cell_complete(cfg: Config, cell: Cell, manifest: dict) -> bool:
+    """Whether the cell has finished (its encoder must exist to say: a missing one means not yet)."""
+    from pcl_hpc.engine.harness import is_complete
+
+    if cell.source and not cell.source.startswith("models:/") and not Path(cell.source).is_file():
+        return False
+    split = protocol_split(manifest, cell.fold, cell.labeled, cell.seed, cfg.sweep.val_patients)
+    return is_complete(cell_stage(cfg, cell, split))
 
 
 def run_cell(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None) -> dict:
@@ -269,6 +281,10 @@ def sweep(cfg: Config, shard: tuple[int, int] | None = None, report: bool = True
         raise UserError(f"sweep: the encoders {sorted(set(missing))} do not exist yet; pretrain them first "
                         f"(`pcl-hpc sweep` without --shard does, or the pipeline's pretrain jobs)")
     tracker, parent = _parent_run(cfg, cells, start=shard is None)
+    if shard is None and not run_cells and not report:  # --plan (the pipeline's register step)
+        register_encoders(cfg, parent)
+        print(f"sweep: {len(cells)} cells: {', '.join(c.name for c in cells)}", flush=True)
+        return ""
     todo = [c for c in shard_cells(cells, shard) if not is_complete(cell_stage(cfg, c, splits[c]))] if run_cells else []
     start = time.time()
     if todo:
@@ -304,6 +320,35 @@ def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, t
         register_best(cfg, cells, splits, tracker.run_id)
         tracker.end()
     return text
+
+
+def register_encoders(cfg: Config, run_id: str | None) -> None:
+    """Each pretrained method's encoder in the registry as ``<register_name>-<method>@<alias>``: its
+    pretraining registers it; when the registry was unreachable then (or the alias moved since),
+    the weights of ``encoder.pt`` are registered now."""
+    import torch
+
+    from pcl_hpc.tracking import load_encoder_state, register_encoder
+    from pcl_hpc.train.pretrain import ENCODER_FILE, folder as pretrain_folder
+
+    for method in cfg.sweep.pretrain:
+        run = method_config(cfg, method)
+        path = pretrain_folder(run) / ENCODER_FILE
+        if not path.is_file():
+            print(f"sweep: {method} is not pretrained yet ({path}); nothing to register", flush=True)
+            continue
+        state, uri = torch.load(path, weights_only=True), f"models:/{run.tracking.register_name}@{cfg.tracking.alias}"
+        try:
+            registered = load_encoder_state(uri)
+            same = registered.keys() == state.keys() and all(torch.equal(registered[k], state[k]) for k in state)
+        except Exception:  # noqa: BLE001 - not registered, or unreachable: register_encoder decides (and warns)
+            same = False
+        if same:
+            print(f"sweep: {method}: {uri} is {path}", flush=True)
+            continue
+        version = register_encoder(state, run.model, run.tracking.register_name, cfg.tracking.alias,
+                                   tags={"method": method, "registered_by": "sweep --plan"}, run_id=run_id)
+        print(f"sweep: {method}: registered {path} as {uri} (version {version})", flush=True)
 
 
 def register_best(cfg: Config, cells: list[Cell], splits: dict, run_id: str | None) -> None:

@@ -159,7 +159,7 @@ def fake_cluster(launcher, monkeypatch):
                 return types.SimpleNamespace(returncode=0, stdout=text, stderr="")
         raise AssertionError(f"unexpected command {cmd}")
 
-    monkeypatch.setattr(launcher, "_run", fake_run)
+    monkeypatch.setattr(sys.modules["launchers.cluster"], "_run", fake_run)  # where check_cluster asks
     return launcher
 
 

@@ -325,9 +325,12 @@ def fit(h: Harness) -> None:
 
 
 def run_key(stage: Stage) -> str:
-    """A hash of what a stage's result is a function of: its config (less where it runs: ``slurm``),
-    the store's content, its identity()."""
+    """A hash of what a stage's result is a function of: its config (less where it runs: ``slurm``, and
+    the sweep's list of cells: a cell's own seed, split and encoder are in its config and identity, so
+    adding a seed or running cells side by side never invalidates a finished cell), the store's
+    content, its identity()."""
     config = {k: v for k, v in to_dict(stage.cfg).items() if k != "slurm"}
+    config["sweep"] = {"pretrain_processes": stage.cfg.sweep.pretrain_processes}  # a pretraining's world size
     what = {"config": config, "store": read_manifest(stage.cfg.data.store).get("content_hash", ""),
             **stage.identity()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

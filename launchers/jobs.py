@@ -1,0 +1,192 @@
+"""The picklable jobs submitit runs: a training stage (`StageJob`) and any pcl-hpc command (`CommandJob`).
+
+Both are checkpointable: submitit's handler calls :meth:`Job.checkpoint` (on rank 0, inside the
+signal handler) only when SIGUSR1 arrives outside a training loop; during training the StepGuard has
+the signal, every rank saves at the same step and raises ``Preempted``, and rank 0 decides here
+(:meth:`Job.after_preemption`) whether the job needs a requeue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import submitit
+
+from launchers.cluster import _run, base_state, job_state
+from pcl_hpc import dist
+from pcl_hpc.config import load_config
+from pcl_hpc.engine.checkpoint import latest_checkpoint
+from pcl_hpc.engine.loop import Preempted
+from pcl_hpc.errors import UserError
+
+
+class JobStopped(UserError):
+    """Rank 0 of a job that was interrupted and not requeued (slurm.max_requeues reached): one line."""
+
+
+class CommandFailed(RuntimeError):
+    """A pcl-hpc command of a job ended with a non-zero status (its own error line is in the task's log)."""
+
+
+def stage_folder(cfg, stage: str) -> Path:
+    """Where a training stage writes (its submitit logs go beside its outputs)."""
+    if stage == "pretrain":
+        from pcl_hpc.train.pretrain import folder
+    else:
+        from pcl_hpc.train.finetune import folder
+    return folder(cfg)
+
+
+def checkpoint_text(folder: Path) -> str:
+    """'<latest checkpoint> (step N)', or '' when the stage has none."""
+    latest = latest_checkpoint(folder)
+    if latest is None or not latest.is_dir():
+        return ""
+    try:
+        step = json.loads((latest / "meta.json").read_text())["train"]["step"]
+        return f"{latest} (step {step})"
+    except (OSError, ValueError, KeyError):
+        return str(latest)
+
+
+def restarts() -> int:
+    value = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
+class Job(submitit.helpers.Checkpointable):
+    """What every job shares: the requeue decision after a preemption and submitit's checkpoint()."""
+
+    name = "job"
+    max_requeues = 3
+    continue_command = ""
+
+    def where(self) -> str:
+        """'checkpoint ...; continue with: ...' for the one line of a stopped job."""
+        return f"continue with: {self.continue_command}"
+
+    def resumes_from(self) -> str:
+        return "its checkpoint"
+
+    def after_preemption(self, job) -> None:
+        """Rank 0, after every rank saved: requeue once if SLURM will not; past max_requeues, stop with one line."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):  # we are stopping: a second signal must not requeue again
+            signal.signal(sig, signal.SIG_IGN)
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if job.cluster != "slurm" or not job_id:
+            print(f"{self.name} stopped after a signal; {self.where()}", flush=True)
+            return
+        # an array task is requeued by its own id (<array>_<index>); SLURM_JOB_ID is the task's raw id
+        array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job_id = f"{array}_{index}" if array and index else job_id
+        count, info = restarts(), job_state(job_id)
+        state = info.get("JobState", "UNKNOWN")
+        if state == "RUNNING":  # time limit, `scancel --signal`: nobody else requeues this job
+            if count >= self.max_requeues:
+                raise JobStopped(f"job {job_id} stopped after {count} requeue(s) (slurm.max_requeues="
+                                 f"{self.max_requeues}); {self.where()}")
+            proc = _run(["scontrol", "requeue", job_id], timeout=60)
+            if proc.returncode == 0:
+                print(f"requeued job {job_id} (restart {count + 1} of at most {self.max_requeues}); it resumes "
+                      f"from {self.resumes_from()}", flush=True)
+            else:
+                print(f"scontrol requeue {job_id} failed: {(proc.stderr or proc.stdout).strip()}; {self.where()}",
+                      flush=True)
+            return
+        if state == "COMPLETING":  # ending: accounting knows why (CANCELLED, REQUEUED, TIMEOUT, ...)
+            state = base_state(job_id) or state
+        if state in ("REQUEUED", "PREEMPTED") or (info.get("Restarts", "").isdigit() and int(info["Restarts"]) > count):
+            print(f"job {job_id} is being requeued by SLURM (scontrol requeue or preemption); it resumes from "
+                  f"{self.resumes_from()}", flush=True)
+            return
+        # cancelled, or ending for another reason (node failure, the hard time limit): never undone by a requeue
+        print(f"job {job_id} is ending ({state}): not requeued; {self.where()}", flush=True)
+
+    def checkpoint(self, *args, **kwargs):
+        """Inside submitit's SIGUSR1 handler on rank 0 (outside the training loop): nothing is saved or
+        sent here; the resubmission is returned and submitit requeues the job, which resumes from latest."""
+        if restarts() >= self.max_requeues:
+            print(f"not requeued: {restarts()} requeue(s) already (slurm.max_requeues={self.max_requeues}); "
+                  f"continue with: {self.continue_command}", flush=True)
+            return None
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class StageJob(Job):
+    """One training stage (pretrain | finetune), one task per process; sets the torch.distributed variables."""
+
+    def __init__(self, stage: str, config_path: str, overrides: list[str], max_requeues: int = 3,
+                 continue_command: str = ""):
+        self.stage, self.config_path, self.overrides = stage, config_path, list(overrides)
+        self.max_requeues, self.continue_command = int(max_requeues), continue_command
+        self.name, self._cfg = stage, None
+
+    def __call__(self):
+        job = submitit.JobEnvironment()
+        tasks = max(job.num_tasks, 1)
+        os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(job.local_rank),
+                          LOCAL_WORLD_SIZE=str(tasks // max(job.num_nodes, 1)))
+        if tasks > 1:
+            os.environ.update(MASTER_ADDR=job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1",
+                              MASTER_PORT=str(dist.master_port(job.job_id)))
+        cfg = self._cfg = load_config(self.config_path, self.overrides)
+        if restarts() > 0 and latest_checkpoint(stage_folder(cfg, self.stage)) is not None:
+            # a requeued run always continues its own checkpoint (not a checkpoint.path it started from)
+            cfg = self._cfg = load_config(self.config_path, self.overrides + ["checkpoint.resume=true", "checkpoint.path="])
+        try:
+            return self.run_stage(cfg)
+        except Preempted:
+            if job.global_rank == 0:
+                self.after_preemption(job)
+            raise
+
+    def run_stage(self, cfg):
+        if self.stage == "pretrain":
+            from pcl_hpc.train.pretrain import pretrain
+
+            return str(pretrain(cfg))
+        from pcl_hpc.train.finetune import finetune
+
+        return finetune(cfg)
+
+    def resumes_from(self) -> str:
+        return checkpoint_text(stage_folder(self._cfg, self.stage)) if self._cfg is not None else "latest"
+
+    def where(self) -> str:
+        ckpt = (checkpoint_text(stage_folder(self._cfg, self.stage)) if self._cfg is not None else "") or "none yet"
+        return f"checkpoint {ckpt}; continue with: {self.continue_command}"
+
+
+class CommandJob(Job):
+    """One task that runs a pcl-hpc command (`pcl-hpc <argv>`) in its process: an array task of a sweep
+    (`sweep --shard I/K`), of preprocessing or of predict, a merge, the register or report step.
+
+    Each of these commands is idempotent (a finished cell, volume or mask is skipped), so a requeued
+    task simply runs its command again; a cell interrupted mid-training resumes from its checkpoint."""
+
+    def __init__(self, name: str, argv: list[str], max_requeues: int = 3, continue_command: str = "",
+                 after: "callable | None" = None):
+        self.name, self.argv, self.max_requeues = name, list(argv), int(max_requeues)
+        self.continue_command, self.after = continue_command, after
+
+    def __call__(self):
+        from pcl_hpc.cli import main
+
+        job = submitit.JobEnvironment()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        try:
+            code = main(self.argv)
+        except Preempted:
+            self.after_preemption(job)
+            raise
+        except SystemExit as err:  # e.g. preprocess or predict with a failed volume: its lines are above
+            code = err.code if isinstance(err.code, int) else 1
+        if code:
+            raise CommandFailed(f"pcl-hpc {self.argv[0]} ended with exit status {code} (its error is in this task's "
+                                f"log): pcl-hpc {' '.join(self.argv)}")
+        if self.after is not None:
+            self.after()
+        return f"pcl-hpc {self.argv[0]} done"
