@@ -21,7 +21,9 @@ from launchers.chain import Step, read_ledger, submit_steps
 from launchers.cluster import ACTIVE_STATES, task_states
 from pcl_hpc.config import SlurmConfig
 
-ERROR_LINE = re.compile(r"(: error: |^\s*FAILED |Error: |JobStopped: )")
+USER_ERROR = re.compile(r"^pcl-hpc \S+: error: |^launchers/slurm.py: error: ")  # a command's one line
+FAILED_FILE = re.compile(r"^\s*(predict: )?FAILED ")  # preprocess / predict: a file that failed
+RAISED = re.compile(r"^\w+(\.\w+)*(Error|Stopped|Failed|Exception): ")  # an exception's last line
 
 
 def latest_tasks(ledger: list[dict]) -> list[tuple[dict, dict]]:
@@ -62,13 +64,15 @@ def _log(record: dict, task: dict, ext: str) -> Path:
 
 
 def error_line(record: dict, task: dict, info: dict) -> str:
-    """Why a task did not complete: its own error line (log), else its trace's last line, else SLURM's reason."""
-    for ext in ("err", "out"):
-        path = _log(record, task, ext)
-        if path.is_file():
-            lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if ERROR_LINE.search(line)]
-            if lines:
-                return lines[0][:300]
+    """Why a task did not complete: its own error line (the command's `error:` on stderr, a FAILED file on
+    stdout, a JobStopped or exception line), else its trace's last line, else SLURM's reason."""
+    logs = {ext: _log(record, task, ext) for ext in ("err", "out")}
+    text = {ext: p.read_text(errors="replace").splitlines() if p.is_file() else [] for ext, p in logs.items()}
+    for ext, pattern in (("err", USER_ERROR), ("out", USER_ERROR), ("out", FAILED_FILE), ("err", RAISED),
+                         ("out", RAISED)):
+        lines = [line.strip() for line in text[ext] if pattern.search(line)]
+        if lines:
+            return lines[0][:300]
     outcome = _outcome(record, task)
     if outcome and outcome[0] == "error":
         lines = [line.strip() for line in str(outcome[1]).splitlines() if line.strip()]
