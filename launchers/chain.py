@@ -122,19 +122,18 @@ def sweep_steps(cfg: Config, config: str, overrides: list[str], upstream: list[s
     """The sweep's steps; ``upstream``: steps submitted before (their outputs are not there yet)."""
     from pcl_hpc import sweep as sw
     from pcl_hpc.engine.harness import is_complete
-    from pcl_hpc.train.pretrain import Pretrain
+    from pcl_hpc.train.pretrain import Pretrain, folder as pretrain_folder
 
     steps, fresh = [], not upstream  # fresh: the store exists now, so completeness can be asked
     for method in cfg.sweep.pretrain:
-        if fresh and is_complete(Pretrain(sw.method_config(cfg, method))):
+        run = sw.method_config(cfg, method)
+        where = pretrain_folder(run).absolute()
+        if fresh and is_complete(Pretrain(run, run.pretrain, pretrain_folder(run))):
             continue
         method_overrides = [f"loss.method={method}", f"pretrain.name={method}",
                             f"tracking.register_name={cfg.tracking.register_name}-{method}",
                             f"tracking.run_name=pretrain-{method}"]
-        from pcl_hpc.train.pretrain import folder as pretrain_folder
-
-        where = str(pretrain_folder(sw.method_config(cfg, method)).absolute())
-        steps.append(Step(f"pretrain-{method}", [{"folder": where, "job": {
+        steps.append(Step(f"pretrain-{method}", [{"folder": str(where), "job": {
             "kind": "stage", "stage": "pretrain", "config": config, "overrides": overrides + method_overrides}}],
                           upstream, kind="stage"))
     before = upstream + [s.name for s in steps]
