@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         if name in ("predict", "export"):
             _model_command_arguments(cmd, name)
+            if name == "predict":  # here, not in the shared arguments: the SLURM launcher makes the shards itself
+                cmd.add_argument("--shard", metavar="I/K", help="an array task: predict every K-th scan (sorted by "
+                                 "path) from the I-th; finished masks are skipped, so a requeued task resumes")
             continue
         cmd.add_argument("--config", required=name != "evaluate" and name != "demo",
                          help="YAML config file (see configs/)")

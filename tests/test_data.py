@@ -191,10 +191,12 @@ def test_more_bad_inputs_are_reported_per_file(tmp_path):
     _save(tmp_path / "whole.nii.gz", _volume(5))
     whole = (tmp_path / "whole.nii.gz").read_bytes()
     (raw / "imagesTs" / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    (raw / "imagesTs" / "stub.nii.gz").write_bytes(whole[:300])  # cut inside the header: ITK still reads it
     summary = preprocess(_cfg(tmp_path, raw), progress=False)
     assert summary.converted == ["good"]
     reasons = {p.rsplit("/", 1)[-1]: r for p, r in summary.failed}
-    assert set(reasons) == {"nolabel.nii.gz", "nan.nrrd", "flat.nii.gz", "garbage.nii.gz", "cut.nii.gz"}
+    assert set(reasons) == {"nolabel.nii.gz", "nan.nrrd", "flat.nii.gz", "garbage.nii.gz", "cut.nii.gz", "stub.nii.gz"}
+    assert "truncated" in reasons["stub.nii.gz"]
     assert "imagesTs" in reasons["nolabel.nii.gz"]  # says what to do
     assert "NaN" in reasons["nan.nrrd"]
     assert "3D" in reasons["flat.nii.gz"]

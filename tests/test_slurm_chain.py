@@ -38,9 +38,9 @@ def sweep_args(store, out, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def launcher(*args, timeout=300, ok=True):
+def launcher(*args, timeout=300, ok=True, env=None):
     proc = subprocess.run([sys.executable, LAUNCHER, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, stdin=subprocess.DEVNULL, env=ENV)
+                          cwd=REPO, stdin=subprocess.DEVNULL, env={**ENV, **(env or {})})
     assert (proc.returncode == 0) == ok, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -73,7 +73,8 @@ def status(out, *flags, ok=None):
 
 
 def row(text: str, job: str) -> str:
-    return next(line for line in text.splitlines() if re.match(rf"\S+\s+{re.escape(job)}\s", line))
+    """The status row of a job (an array: of its first task)."""
+    return next(line for line in text.splitlines() if re.match(rf"\S+\s+{re.escape(job)}(_\d+)?\s", line))
 
 
 def test_sweep_array_cancel_one_task_resubmit_through_status(demo_store, tmp_path):
@@ -148,12 +149,18 @@ def test_pipeline_runs_in_dependency_order_then_skips_and_predicts(tmp_path):
     make_demo_data(tmp_path / "raw", spacing=3.0, seed=0)
     out = tmp_path / "exp"
     start = time.monotonic()
+    # every training job gets a SIGUSR1 after its step 3 (as before a time limit): each saves, requeues
+    # itself once and finishes (the fault fires in the first run only: the second resumes after step 3)
     proc = launcher("pipeline", "--cluster", "slurm", "--time", "10", "--wait", "--config", CONFIG,
-                    *pipeline_args(tmp_path, out), timeout=600)
+                    *pipeline_args(tmp_path, out), timeout=600, env={"PCL_HPC_FAULT": "signal:3:0"})
     wall = time.monotonic() - start
     ids = submitted(proc.stdout)
     order = ["preprocess", "merge", "pretrain-pcl", "register", "cells", "report"]
     assert list(ids) == order, proc.stdout
+    for job in (ids["pretrain-pcl"], f"{ids['cells']}_0", f"{ids['cells']}_1"):
+        fields = row(proc.stdout, job).split()
+        assert fields[2:4] == ["COMPLETED", "1"], f"{job} must have been requeued once: {fields}"
+    assert row(proc.stdout, ids["merge"]).split()[2:4] == ["COMPLETED", "0"]
     times = _sacct_times(list(ids.values()))
     for before, after in zip(order, order[1:]):
         assert times[ids[after]][0] >= times[ids[before]][1], f"{after} started before {before} ended: {times}"

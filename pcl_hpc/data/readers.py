@@ -1,9 +1,10 @@
 """Reading sources with SimpleITK: NIfTI / NRRD / MetaImage files and DICOM series folders.
 
-A DICOM series is read through GDCM without its metadata dictionary. 4D sources are read whole
-and split into 3D frames with ``select_frame``, or, where the 4th axis holds channels (an MSD
-multi-modal image), give one channel with ``select_channel``. ``source_sha256`` fingerprints a
-source so that unchanged volumes are skipped on a re-run.
+A DICOM series is read through GDCM without its metadata dictionary. A NIfTI file is first checked
+for what ITK would hide: a truncated file (zero-filled) and NaN/Inf voxels (read as 0). 4D sources
+are read whole and split into 3D frames with ``select_frame``, or, where the 4th axis holds
+channels (an MSD multi-modal image), give one channel with ``select_channel``. ``source_sha256``
+fingerprints a source so that unchanged volumes are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -49,32 +50,52 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _nifti_truncated(path: str) -> bool:
-    """True if a NIfTI file holds fewer bytes than its header promises.
+def _nifti_problem(path: str, what: str) -> str | None:
+    """What is wrong with a NIfTI file that ITK would read without a word, or None.
 
-    ITK silently zero-fills the missing part of a truncated .nii.gz (e.g. an interrupted copy),
-    so this is checked before reading. The gzip trailer's ISIZE settles the common case cheaply;
-    only when it disagrees is the stream decompressed to count the bytes.
-    """
+    ITK silently zero-fills the missing part of a truncated file (e.g. an interrupted copy) and
+    reads NaN and Inf voxels as 0 (nifti1_io), so both are checked here on the stored bytes. For an
+    integer file (no NaN possible) the gzip trailer's ISIZE settles the size cheaply; otherwise the
+    stream is read once, in blocks, counting the bytes and checking the voxels."""
     try:
-        header = nib.load(path).header
-    except Exception:
-        return False  # not parseable by nibabel: let ITK's reader report it
-    expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    if not path.lower().endswith(".gz"):
-        return os.path.getsize(path) < expected
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == expected % (1 << 32):
-            return False
-    total = 0
+        stored = nib.load(path).dataobj  # the header's view of the stored voxels (nothing read yet)
+        dtype, offset, shape = np.dtype(stored.dtype), int(stored.offset), stored.shape
+    except Exception:  # not parseable by nibabel: ITK's reader reports it, unless it is a cut-off gzip stream,
+        if path.lower().endswith(".gz"):  # which ITK reads without a word (a header, then zeros)
+            try:
+                with gzip.open(path, "rb") as f:
+                    while f.read(1 << 22):
+                        pass
+            except EOFError:
+                return f"{what} file is truncated (its gzip stream ends early); copy or export it again"
+            except (OSError, zlib.error):
+                pass  # not gzip at all, or corrupt: ITK's reader says so
+        return None
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    truncated = f"{what} file is truncated (fewer bytes than its header says); copy or export it again"
+    floating = dtype.kind == "f"
+    gz = path.lower().endswith(".gz")
+    if not floating:  # no NaN possible: only the size matters
+        if not gz:
+            return truncated if os.path.getsize(path) < expected else None
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == expected % (1 << 32):
+                return None  # else: count the decompressed bytes below
+    total, finite, pending = 0, True, b""
     try:
-        with gzip.open(path, "rb") as f:
+        with (gzip.open if gz else open)(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
+                if floating and finite:  # the voxel bytes of this block, whole voxels only
+                    data = pending + block[max(0, offset - total):max(0, expected - total)]
+                    whole = len(data) - len(data) % dtype.itemsize
+                    finite, pending = bool(np.isfinite(np.frombuffer(data[:whole], dtype)).all()), data[whole:]
                 total += len(block)
     except (EOFError, OSError, zlib.error):
-        return True
-    return total < expected
+        return truncated
+    if total < expected:
+        return truncated
+    return None if finite else f"{what} contains NaN or Inf values; fix the export (e.g. replace them with 0)"
 
 
 def _itk_detail(err: Exception) -> str:
@@ -118,10 +139,9 @@ def read_image(path: str, what: str, allow_4d: bool = False) -> sitk.Image:
     else:
         if os.path.getsize(path) == 0:
             raise VolumeError(path, f"{what} file is empty (0 bytes); re-export or copy it again")
-        if path.lower().endswith((".nii", ".nii.gz")) and _nifti_truncated(path):
-            raise VolumeError(
-                path, f"{what} file is truncated (fewer bytes than its header says); copy or export it again"
-            )
+        problem = _nifti_problem(path, what) if path.lower().endswith((".nii", ".nii.gz")) else None
+        if problem:
+            raise VolumeError(path, problem)
         try:
             img = sitk.ReadImage(path)
         except RuntimeError as err:
