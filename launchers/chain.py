@@ -145,8 +145,8 @@ def sweep_steps(cfg: Config, config: str, overrides: list[str], upstream: list[s
 
         manifest = read_manifest(cfg.data.store)
     cells = sw.plan(cfg, manifest)
-    k = max(1, math.ceil(len(cells) / cfg.slurm.cells_per_task))
     workers = max(1, cfg.slurm.gpus_per_node)  # cells side by side in one task: one per GPU
+    k = max(1, math.ceil(len(cells) / max(cfg.slurm.cells_per_task, workers)))  # a task fills its node's GPUs
     tasks, cells_dir = [], str((sw.folder(cfg) / "cells").absolute())
     for i in range(k):
         mine = sw.shard_cells(cells, (i, k))

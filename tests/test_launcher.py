@@ -211,3 +211,29 @@ def test_checkpoint_only_returns_the_resubmission(launcher, monkeypatch):
     assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is job
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert job.checkpoint() is None
+
+
+def test_sweep_steps_on_gpu_nodes_pack_one_cell_per_gpu(launcher, tmp_path):
+    """What a GPU cluster gets (no GPU here, so only the plan and the #SBATCH settings are checked): with 4
+    GPUs per node each cells task holds at least 4 cells and runs them side by side (sweep.workers=4), on
+    its node's GPUs; register and report ask for none; a training stage keeps the slurm: section's."""
+    from launchers import chain
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [
+        f"output_dir={tmp_path}", "sweep.pretrain=[pcl]", "sweep.encoders=[random]", "sweep.labeled=[1, 2]",
+        "sweep.folds=[0, 1, 2]", "sweep.seeds=[0]", "slurm.gpus_per_node=4", "slurm.tasks_per_node=4",
+        "slurm.cpus_per_task=8", "slurm.cells_per_task=1"])
+    steps = chain.sweep_steps(cfg, "c.yaml", [], upstream=["merge"])
+    assert [s.name for s in steps] == ["pretrain-pcl", "register", "cells", "report"]
+    cells = steps[2]
+    assert len(cells.tasks) == 3 and all(len(t["cells"]) == 4 for t in cells.tasks), cells.tasks  # 12 cells
+    assert sorted(c for t in cells.tasks for c in t["cells"]) == sorted(
+        f"{e}_M{m}_f{f}_s0" for e in ("pcl", "random") for m in (1, 2) for f in (0, 1, 2))
+    assert all("sweep.workers=4" in t["job"]["argv"] and f"{i}/3" in t["job"]["argv"] for i, t in enumerate(cells.tasks))
+    assert steps[0].after == ["merge"] and cells.after == ["register"] and steps[3].after == ["cells"]
+    on = {kind: chain.step_settings(cfg.slurm, kind) for kind in ("stage", "cells", "single", "predict")}
+    assert (on["stage"].tasks_per_node, on["stage"].gpus_per_node) == (4, 4)
+    assert (on["cells"].tasks_per_node, on["cells"].gpus_per_node, on["cells"].cpus_per_task) == (1, 4, 32)
+    assert (on["single"].gpus_per_node, on["predict"].gpus_per_node) == (0, 1)
+    params = launcher.slurm_parameters(on["cells"], "cells")
+    assert params["gpus_per_node"] == 4 and params["ntasks_per_node"] == 1
