@@ -2,6 +2,13 @@
 
     python launchers/slurm.py pretrain --config configs/acdc_pcl.yaml --nodes 2 --tasks-per-node 8 \
         --gpus-per-node 8 --partition gpu --time 720 pretrain.epochs=50
+    python launchers/slurm.py pipeline|sweep --config ... [--array-parallelism K] [--cells-per-task P] [--wait]
+    python launchers/slurm.py predict --model ... --input ... --output ... [--array-tasks K]
+    python launchers/slurm.py status <folder> [--resubmit]
+
+pretrain / finetune are one job each, and the launcher waits for it (below). sweep, pipeline and
+predict are chains of jobs and job arrays (launchers/chain.py), printed and left to run; status
+(launchers/status.py) reads what they submitted.
 
 The job reuses the training config unchanged; the cluster settings are its `slurm:` section
 (`slurm.key=value` like any key; this script's flags win). `--cluster auto|slurm|local|debug`:
