@@ -201,14 +201,9 @@ def submit_steps(cluster: str, steps: list[Step], out: Path, cfg: Config, comman
             submitted = executor.submit_array(jobs_)
         else:
             submitted = [executor.submit(j) for j in jobs_]
-        job_id = submitted[0].job_id.split("_")[0]
-        ids[step.name] = job_id
-        record = {"step": step.name, "job_id": job_id, "cluster": cluster, "logs": str(folder), "after": deps,
-                  "kind": step.kind, "settings": dataclasses.asdict(s), "slurm": dataclasses.asdict(cfg.slurm),
-                  "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "tasks": [{**t, "job_id": j.job_id} for t, j in zip(step.tasks, submitted)]}
+        record = record_submission(out, step, submitted, cluster, folder, deps, s, cfg.slurm)
+        ids[step.name] = job_id = record["job_id"]
         records.append(record)
-        _append_ledger(out, [record])
         array = f" (array of {len(jobs_)})" if len(jobs_) > 1 else ""
         waits = f", after {', '.join(a for a in step.after if a in ids)}" if deps else ""
         print(f"  {step.name:<16} job {job_id}{array}{waits}; logs {folder}/{job_id}_*_log.out", flush=True)
@@ -218,11 +213,18 @@ def submit_steps(cluster: str, steps: list[Step], out: Path, cfg: Config, comman
     return records
 
 
-def _append_ledger(out: Path, records: list[dict]) -> None:
+def record_submission(out: Path, step: Step, submitted: list, cluster: str, folder: Path, deps: list[str], s,
+                      section) -> dict:
+    """Append what was submitted for a step to ``<out>/slurm/jobs.json``; the record."""
+    record = {"step": step.name, "job_id": submitted[0].job_id.split("_")[0], "cluster": cluster, "logs": str(folder),
+              "after": deps, "kind": step.kind, "settings": dataclasses.asdict(s), "slurm": dataclasses.asdict(section),
+              "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "tasks": [{**t, "job_id": j.job_id} for t, j in zip(step.tasks, submitted)]}
     path = out / LEDGER
     ledger = json.loads(path.read_text()) if path.is_file() else {"steps": []}
-    ledger["steps"] += records
+    ledger["steps"].append(record)
     write_text(path, json.dumps(ledger, indent=1) + "\n")
+    return record
 
 
 def read_ledger(folder: Path) -> list[dict]:

@@ -245,6 +245,12 @@ def submit(args: argparse.Namespace, argv: list[str]) -> int:
     except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as err:
         raise UserError(f"sbatch refused the job: {' '.join(str(err).split())[:400]}") from None
     print(f"submitted {args.stage} as job {job.job_id} ({cluster}); logs in {folder}", flush=True)
+    from launchers.chain import Step, record_submission  # status <output_dir> shows it beside the chains
+
+    spec = {"kind": "stage", "stage": args.stage, "config": str(Path(args.config).absolute()), "overrides": overrides}
+    record_submission(Path(cfg.output_dir), Step(args.stage, [{"folder": str(stage_folder(cfg, args.stage).absolute()),
+                                                               "job": spec}], kind="stage"),
+                      [job], cluster, folder, [], s, s)
     if args.no_wait:
         return 0
     return wait(job, cluster, cfg, args.stage, folder, command)

@@ -209,6 +209,10 @@ def test_slurm_pretrain_two_tasks(demo_store, tmp_path):
     assert sacct_runs(job_id) == ["COMPLETED"], "accounting (slurmdbd) knows the job"
     script = next((tmp_path / "pretrain" / "submitit").glob(f"{job_id}_submission.sh")).read_text()
     assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script, script
+    status = subprocess.run([sys.executable, LAUNCHER, "status", str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    line = next(line for line in status.stdout.splitlines() if line.startswith("pretrain "))
+    assert status.returncode == 0 and line.split()[1:4] == [job_id, "COMPLETED", "0"] and " done " in line, status.stdout
 
 
 def test_slurm_preempted_job_is_requeued_and_resumes(demo_store, tmp_path):
