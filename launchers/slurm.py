@@ -263,7 +263,12 @@ def submit_chain(args: argparse.Namespace, argv: list[str]) -> int:
     overrides = list(getattr(args, "overrides", [])) + flag_overrides(args)
     config = chain.config_path(args.config) if args.config else None
     cfg = load_config(config, overrides)
-    cluster = checked_cluster(chain.step_settings(cfg.slurm, "cells"), tasks_allowed=False)
+    # each kind of step's settings against the cluster, before anything is written or queued
+    kinds = ("predict",) if args.stage == "predict" else ("single", "cells", "stage")
+    cluster = checked_cluster(chain.step_settings(cfg.slurm, kinds[0]), tasks_allowed=False)
+    if cluster == "slurm":
+        for kind in kinds[1:] if cfg.sweep.pretrain else kinds[1:2]:  # "stage": the pretrainings
+            check_cluster(chain.step_settings(cfg.slurm, kind))
     if args.stage == "pipeline":
         steps = chain.preprocess_steps(cfg, config, overrides)
         steps += chain.sweep_steps(cfg, config, overrides, [s.name for s in steps])
@@ -276,7 +281,6 @@ def submit_chain(args: argparse.Namespace, argv: list[str]) -> int:
     if not steps:
         print(f"{args.stage}: every stage is complete and current; nothing to submit (outputs in {out})")
         return 0
-    check_steps(cluster, steps, cfg.slurm)
     print(f"{args.stage}: {len(steps)} step(s) on {cluster}:", flush=True)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -293,15 +297,6 @@ def submit_chain(args: argparse.Namespace, argv: list[str]) -> int:
     if not getattr(args, "wait", False):
         return 0
     return wait_chain(records, out)
-
-
-def check_steps(cluster: str, steps, s) -> None:
-    """Each step's own settings against the cluster (a pretrain step asks for the section's tasks and GPUs)."""
-    from launchers.chain import step_settings
-
-    if cluster == "slurm":
-        for kind in dict.fromkeys(step.kind for step in steps):
-            check_cluster(step_settings(s, kind))
 
 
 def predict_argv(args: argparse.Namespace) -> list[str]:

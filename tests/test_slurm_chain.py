@@ -201,3 +201,16 @@ def test_failing_stage_stops_its_dependants_and_status_shows_why(tmp_path):
         assert "CANCELLED" in row(text, ids[step]) and "not run" in row(text, ids[step]), text
     assert "preprocess: 1 COMPLETED, 1 FAILED" in text and "--resubmit" in text, text
     assert not (out / "pretrain" / "pcl" / "metrics.jsonl").exists(), "nothing after the failed stage ran"
+
+
+def test_bad_settings_of_a_chain_fail_before_anything_is_written(tmp_path):
+    # a pretraining asks for more CPUs than the node has: one line, exit 2, no store, no ledger, no job
+    out = tmp_path / "exp"
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split()
+    proc = launcher("pipeline", "--cluster", "slurm", "--tasks-per-node", str((os.cpu_count() or 1) + 1), "--config",
+                    CONFIG, *pipeline_args(tmp_path, out), ok=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "CPUs per node" in lines[0], proc.stdout + proc.stderr
+    assert not (tmp_path / "store.zarr").exists() and not (out / "slurm").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split()
+    assert not set(after) - set(before), "nothing may be queued"
