@@ -19,7 +19,7 @@ from launchers.cluster import _run, base_state, job_state
 from pcl_hpc import dist
 from pcl_hpc.config import load_config
 from pcl_hpc.engine.checkpoint import latest_checkpoint
-from pcl_hpc.engine.loop import Preempted
+from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE, Preempted
 from pcl_hpc.errors import UserError
 
 
@@ -52,6 +52,16 @@ def checkpoint_text(folder: Path) -> str:
         return str(latest)
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (its connection closed, or it never answered)."""
+    import torch.distributed as torch_dist
+
+    kinds = tuple(getattr(torch_dist, name) for name in ("DistBackendError", "DistNetworkError") if hasattr(torch_dist, name))
+    text = str(err)
+    return isinstance(err, kinds) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
+                                                             "Connection reset by peer", "timed out", "Timed out"))
+
+
 def restarts() -> int:
     value = os.environ.get("SLURM_RESTART_COUNT", "0")
     return int(value) if value.isdigit() else 0
@@ -75,13 +85,10 @@ class Job(submitit.helpers.Checkpointable):
         """Rank 0, after every rank saved: requeue once if SLURM will not; past max_requeues, stop with one line."""
         for sig in (signal.SIGUSR1, signal.SIGTERM):  # we are stopping: a second signal must not requeue again
             signal.signal(sig, signal.SIG_IGN)
-        job_id = os.environ.get("SLURM_JOB_ID")
+        job_id = self._slurm_id()  # an array task is requeued by its own id (<array>_<index>)
         if job.cluster != "slurm" or not job_id:
             print(f"{self.name} stopped after a signal; {self.where()}", flush=True)
             return
-        # an array task is requeued by its own id (<array>_<index>); SLURM_JOB_ID is the task's raw id
-        array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        job_id = f"{array}_{index}" if array and index else job_id
         count, info = restarts(), job_state(job_id)
         state = info.get("JobState", "UNKNOWN")
         if state == "RUNNING":  # time limit, `scancel --signal`: nobody else requeues this job
@@ -104,6 +111,29 @@ class Job(submitit.helpers.Checkpointable):
             return
         # cancelled, or ending for another reason (node failure, the hard time limit): never undone by a requeue
         print(f"job {job_id} is ending ({state}): not requeued; {self.where()}", flush=True)
+
+    def after_lost_rank(self, job, err: BaseException) -> bool:
+        """A surviving rank, after a collective failed because a peer died (a crash, an OOM kill, a lost node):
+        requeue the job from its last checkpoint, within max_requeues. True when it was requeued."""
+        job_id = self._slurm_id()
+        if job.cluster != "slurm" or not job_id:
+            return False
+        count, state = restarts(), job_state(job_id).get("JobState", "")
+        if state != "RUNNING" or count >= self.max_requeues:  # another rank requeued it, or the budget is spent
+            return False
+        proc = _run(["scontrol", "requeue", job_id], timeout=60)
+        if proc.returncode != 0:
+            return False
+        why = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
+        print(f"job {job_id} lost a rank ({why}); requeued it (restart {count + 1} of at most {self.max_requeues}); "
+              f"it resumes from {self.resumes_from()}", flush=True)
+        return True
+
+    @staticmethod
+    def _slurm_id() -> str | None:
+        """The id to requeue: an array task's <array>_<index>, else SLURM_JOB_ID."""
+        array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID")
 
     def checkpoint(self, *args, **kwargs):
         """Inside submitit's SIGUSR1 handler on rank 0 (outside the training loop): nothing is saved or
@@ -141,6 +171,10 @@ class StageJob(Job):
         except Preempted:
             if job.global_rank == 0:
                 self.after_preemption(job)
+            raise
+        except RuntimeError as err:  # a collective failed: a peer rank died (gloo/NCCL say so), or timed out
+            if tasks > 1 and lost_peer(err) and self.after_lost_rank(job, err):
+                raise SystemExit(REQUEUE_EXIT_CODE) from None
             raise
 
     def run_stage(self, cfg):

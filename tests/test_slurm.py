@@ -252,7 +252,8 @@ def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
     log0 = task_logs(out, job_id, 0)
     err0 = (out / "pretrain" / "submitit" / f"{job_id}_0_log.err").read_text()
     assert "after SIGUSR1" in log0 and "Job not requeued" not in log0 + err0, log0[-3000:]
-    assert log0.count(f"requeued job {job_id} (restart") == int(job["Restarts"]), "one requeue per interruption"
+    requeues = log0.count(f"requeued job {job_id} (restart") + log0.count(f"job {job_id} lost a rank")
+    assert requeues == int(job["Restarts"]), "one requeue per interruption"
     assert_same_weights(out / "pretrain" / "encoder.pt", reference)
     assert_each_step_once(out, steps)
 
@@ -272,12 +273,31 @@ def test_external_scontrol_requeue_resumes_bit_identical(demo_store, tmp_path, s
     assert rc == 0, (out_text + err_text)[-3000:]
     job = slurm_job(job_id)
     print(f"scontrol-requeue job {job_id}: {job['Restarts']} restart(s); sacct: {sacct_runs(job_id)}")
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
     log0 = task_logs(tmp_path, job_id, 0)
+    lost = log0.count(f"job {job_id} lost a rank")  # a rank that crashed on its own is survived too
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) == 1 + lost, job
     assert "after SIGTERM" in log0 and f"job {job_id} is being requeued by SLURM" in log0, log0[-3000:]
     assert "resuming from" in log0, log0[-3000:]
     assert_same_weights(tmp_path / "pretrain" / "encoder.pt", straight_900)
     assert_each_step_once(tmp_path, 900)
+
+
+def test_a_rank_that_dies_is_survived_bit_identical(demo_store, tmp_path):
+    # rank 1 exits hard after step 60 (like a crash, an OOM kill or a lost node); rank 0's next collective
+    # fails, it requeues the job, which resumes from its step-50 checkpoint and ends as if nothing happened
+    extra = {"pretrain.max_steps": 120, "checkpoint.every_steps": 50}
+    reference = straight_run(demo_store, tmp_path / "straight", **extra)
+    out = tmp_path / "slurm"
+    out.mkdir()
+    job_id, _, _ = launch(demo_store, out, "--time", "10", env={"PCL_HPC_FAULT": "kill:60:1"}, **extra)
+    job = slurm_job(job_id)
+    print(f"lost-rank job {job_id}: {job['Restarts']} restart(s); sacct: {sacct_runs(job_id)}")
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
+    log0 = task_logs(out, job_id, 0)
+    assert f"job {job_id} lost a rank" in log0 and "resuming from" in log0 and "(step 50)" in log0, log0[-3000:]
+    assert "exits hard after step 60" in task_logs(out, job_id, 1)
+    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert_each_step_once(out, 120)
 
 
 def test_cancelled_job_stays_cancelled(demo_store, tmp_path):

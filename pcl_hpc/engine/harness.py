@@ -138,10 +138,11 @@ def maybe_inject_fault(step: int, rank: int) -> None:
 
     After step <step>'s checkpoint decision, rank <rank> exits hard (kill: like a dead node) or sends
     itself SIGUSR1 (signal: like SLURM before preemption). Only in the first attempt of a torchrun
-    group, so a restarted group runs through.
+    group or of a SLURM job, so a restarted group or a requeued job runs through.
     """
     spec = os.environ.get("PCL_HPC_FAULT", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    first = all(os.environ.get(v, "0") == "0" for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    if not spec or not first:
         return
     kind, at, who = spec.split(":")
     if int(at) != step or int(who) != rank:
