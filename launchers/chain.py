@@ -187,21 +187,21 @@ def _executor(cluster: str, folder: Path, s, name: str, deps: list[str], paralle
     return executor
 
 
-def submit_steps(cluster: str, steps: list[Step], out: Path, cfg: Config, command: str, wait_local) -> list[dict]:
+def submit_steps(cluster: str, steps: list[Step], out: Path, section, command: str, wait_local) -> list[dict]:
     """Submit (SLURM: all at once, chained by afterok) or run (local/debug: in order) the steps; the
     ledger records, also appended to ``<out>/slurm/jobs.json``."""
     records, ids = [], {}
     for step in steps:
-        s = step_settings(cfg.slurm, step.kind)
+        s = step_settings(section, step.kind)
         folder = out / "slurm" / step.name
         deps = [ids[a] for a in step.after if a in ids]
-        executor = _executor(cluster, folder, s, f"pcl-hpc-{step.name}", deps, cfg.slurm.array_parallelism)
+        executor = _executor(cluster, folder, s, f"pcl-hpc-{step.name}", deps, section.array_parallelism)
         jobs_ = [build_job(t["job"], s.max_requeues, command) for t in step.tasks]
         if len(jobs_) > 1 and cluster == "slurm":
             submitted = executor.submit_array(jobs_)
         else:
             submitted = [executor.submit(j) for j in jobs_]
-        record = record_submission(out, step, submitted, cluster, folder, deps, s, cfg.slurm)
+        record = record_submission(out, step, submitted, cluster, folder, deps, s, section)
         ids[step.name] = job_id = record["job_id"]
         records.append(record)
         array = f" (array of {len(jobs_)})" if len(jobs_) > 1 else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -202,7 +203,7 @@ class CommandJob(Job):
     task simply runs its command again; a cell interrupted mid-training resumes from its checkpoint."""
 
     def __init__(self, name: str, argv: list[str], max_requeues: int = 3, continue_command: str = "",
-                 after: "callable | None" = None):
+                 after: Callable[[], None] | None = None):
         self.name, self.argv, self.max_requeues = name, list(argv), int(max_requeues)
         self.continue_command, self.after = continue_command, after
 

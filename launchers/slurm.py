@@ -284,7 +284,7 @@ def submit_chain(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{args.stage}: {len(steps)} step(s) on {cluster}:", flush=True)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            records = chain.submit_steps(cluster, steps, out, cfg, shlex.join([sys.executable, *sys.argv]),
+            records = chain.submit_steps(cluster, steps, out, cfg.slurm, shlex.join([sys.executable, *sys.argv]),
                                          wait_local=lambda step, jobs: wait_results(jobs))
     except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as err:
         raise UserError(f"sbatch refused a job: {' '.join(str(err).split())[:400]}") from None

@@ -145,10 +145,9 @@ def resubmit_failed(folder: Path, ledger: list[dict], failed: list[tuple[dict, d
         if tasks:
             after = [s.name for s in steps if s.name in _step_deps(ledger, step_name)]
             steps.append(Step(step_name, tasks, after, record.get("kind", "single")))
-    settings = SlurmConfig(**first["slurm"])
-    cfg = _ConfigView(settings)
     print(f"resubmitting {sum(len(s.tasks) for s in steps)} task(s) of {', '.join(s.name for s in steps)}:", flush=True)
-    submit_steps(first["cluster"], steps, folder, cfg, f"python launchers/slurm.py status {folder} --resubmit",
+    submit_steps(first["cluster"], steps, folder, SlurmConfig(**first["slurm"]),
+                 f"python launchers/slurm.py status {folder} --resubmit",
                  wait_local=_wait_local)
     return 0
 
@@ -157,13 +156,6 @@ def _step_deps(ledger: list[dict], step: str) -> set[str]:
     """The steps a step waited for, by name (from the job ids its records depended on)."""
     by_id = {r["job_id"]: r["step"] for r in ledger}
     return {by_id[d] for r in ledger if r["step"] == step for d in r.get("after", []) if d in by_id}
-
-
-class _ConfigView:
-    """What submit_steps reads of a config, rebuilt from the ledger (no config file needed)."""
-
-    def __init__(self, slurm: SlurmConfig):
-        self.slurm = slurm
 
 
 def _wait_local(step, submitted) -> bool:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def _reset_process_state() -> None:
     tracker_module._latest_tracker = None
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or earlier run against the same server) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -20,6 +19,7 @@ from pcl_hpc.cli import main as cli_main
 from pcl_hpc.tracking import Tracker, promote_alias
 from pcl_hpc.tracking.models import load_segmentation_model, register_segmentation_model
 from tests.mlflow_server import _free_port, isolated_mlflow, mlflow_server  # noqa: F401
+from tests.mlflow_server import unique as _unique
 from tests.test_export import write_model_folder
 
 
@@ -27,10 +27,6 @@ from tests.test_export import write_model_folder
 def _isolated_mlflow(monkeypatch):
     with isolated_mlflow(monkeypatch, retries=2, timeout_s=20):
         yield
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def _assert_same(loaded: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:

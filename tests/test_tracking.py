@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -30,16 +29,13 @@ from pcl_hpc.tracking import (
     resolve_tracking_uri,
 )
 from tests.mlflow_server import _free_port, experiment_runs, isolated_mlflow, mlflow_server  # noqa: F401
+from tests.mlflow_server import unique as _unique
 
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     with isolated_mlflow(monkeypatch, retries=2, timeout_s=20):
         yield
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def _cfg(tmp_path: Path, uri: str = "") -> Config:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -32,6 +31,7 @@ from pcl_hpc.data.store import read_manifest
 from pcl_hpc.tracking import FALLBACK_FILE, Tracker, git_commit, load_encoder_state, read_fallback, replay_fallback
 from tests.conftest import REPO
 from tests.mlflow_server import MlflowTestServer, experiment_runs, isolated_mlflow, mlflow_server  # noqa: F401
+from tests.mlflow_server import unique as _unique
 
 CONFIG = REPO / "configs" / "demo.yaml"
 RUN_TIMEOUT_S = 600  # a 2-process pretrain on a busy 2-core machine
@@ -53,10 +53,6 @@ def own_server():
     finally:
         server.stop()
         server.cleanup()
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def _args(store: str, out: Path, uri: str, experiment: str, name: str, **extra) -> list[str]:
