@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PYTHONUTF8=1 $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)  # what a developer runs between edits: no SLURM, no slow end-to-end tests (CI runs everything)
+	PYTHONUTF8=1 $(PY) -m pytest -q -m "not slurm and not slow" tests
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -21,8 +21,10 @@ COMMANDS = {
 MODEL_HELP = "fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>"
 
 
-def _model_command_arguments(cmd: argparse.ArgumentParser, name: str) -> None:
-    """predict / export: no config file, the model carries its preprocessing (model_spec.json)."""
+def model_command_arguments(cmd: argparse.ArgumentParser, name: str) -> None:
+    """predict / export: no config file, the model carries its preprocessing (model_spec.json).
+
+    Also the arguments of the SLURM launcher's predict job array (it adds its own shards)."""
     cmd.add_argument("--model", required=True, help=MODEL_HELP)
     cmd.add_argument("--tracking-uri", default="", help="registry for models:/ sources (default: $MLFLOW_TRACKING_URI)")
     if name == "export":
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
         if name in ("predict", "export"):
-            _model_command_arguments(cmd, name)
+            model_command_arguments(cmd, name)
             if name == "predict":  # here, not in the shared arguments: the SLURM launcher makes the shards itself
                 cmd.add_argument("--shard", metavar="I/K", help="an array task: predict every K-th scan (sorted by "
                                  "path) from the I-th; finished masks are skipped, so a requeued task resumes")
@@ -80,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--model", help="model.pt written by finetune, scored on finetune.test_volumes")
             cmd.add_argument("--results", nargs="+", default=[], help="results.json files to tabulate")
         if name == "sweep":
-            cmd.add_argument("--shard", metavar="I/K", help="run only array task I's cells of K (no pretraining, no report)")
-            cmd.add_argument("--report-only", action="store_true", help="only write results.csv, summary.md and the plot")
-            cmd.add_argument("--plan", action="store_true", help="only create the sweep's tracking run and list its cells")
+            cmd.add_argument("--step", metavar="NAME", help="run one step of the sweep's plan: pretrain-<method>, "
+                             "register (the tracking run, the encoders in the registry), cells, report")
+            cmd.add_argument("--shard", metavar="I/K", help="with --step cells: only array task I's cells of K")
+            cmd.add_argument("--plan", action="store_true", help="print the plan (steps, tasks, what is left) and exit")
         if name == "demo":
             cmd.add_argument("--out", default="outputs/demo", help="folder for data, store, runs and MLflow db")
     return parser
@@ -97,15 +100,20 @@ def run(args: argparse.Namespace) -> None:
         run_demo(args.config or "configs/demo.yaml", args.out, args.overrides)
         return
     if args.command == "predict":
-        from pcl_hpc.predict import run_command as predict_command
+        from pcl_hpc.predict import predict
 
-        if predict_command(args):  # a scan failed: the others were written, the summary names it
+        summary = predict(args.model, args.input, args.output, tta=args.tta, fmt=args.format, overwrite=args.overwrite,
+                          device=args.device or None, batch=args.batch, tracking_uri=args.tracking_uri or None,
+                          id_key=args.id_key or None, shard=parse_shard(args.shard, "predict"))
+        print(summary.format(), flush=True)
+        if not summary.ok:  # a scan failed: the others were written, the summary names it
             raise SystemExit(1)
         return
     if args.command == "export":
-        from pcl_hpc.export import run_command as export_command
+        from pcl_hpc.export import export
 
-        export_command(args)
+        paths = export(args.model, args.format, args.out, tracking_uri=args.tracking_uri or None)
+        print(f"export: {args.format} model {paths['model']}, preprocessing spec {paths['spec']}", flush=True)
         return
     if args.command == "evaluate" and args.results:
         from pcl_hpc.evaluate import format_table, load_results
@@ -135,11 +143,19 @@ def run(args: argparse.Namespace) -> None:
 
         finetune(cfg)
     elif args.command == "sweep":
-        from pcl_hpc.sweep import sweep
+        from pcl_hpc import sweep
 
-        plan_only = args.plan
-        sweep(cfg, shard=parse_shard(args.shard), report=not (args.shard or plan_only),
-              run_cells=not (args.report_only or plan_only))
+        if args.shard and args.step != "cells":
+            raise UserError(f"sweep --shard {args.shard}: only with --step cells (the cells step is the array)")
+        if args.plan:
+            from pcl_hpc.pipeline import plan_for
+            from pcl_hpc.plan import describe
+
+            print(describe(plan_for("sweep", cfg)))
+        elif args.step:
+            sweep.run_step(cfg, args.step, parse_shard(args.shard))
+        else:
+            sweep.sweep(cfg)
     elif args.command == "evaluate":
         from pcl_hpc.evaluate import evaluate_model
 

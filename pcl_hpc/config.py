@@ -151,7 +151,7 @@ class SweepConfig:
     folds: list[int] | None = None  # test folds of the manifest's k-fold; None = every fold
     seeds: list[int] = field(default_factory=lambda: [0])  # draws of the M labeled patients (and fine-tuning seeds)
     val_patients: int = bounded(1, ge=1)  # validation patients per fold, drawn from outside the test fold and the M
-    workers: int = bounded(0, ge=0)  # cells run side by side; 0 = one per GPU, else cores // 2 (at least 1)
+    workers: int = bounded(0, ge=0)  # cells run side by side (locally and in each array task); 0 = one per GPU, else cores // 2 (at least 1)
     pretrain_processes: int = bounded(1, ge=1)  # > 1: each method pretrains with this many processes (torchrun, this node)
 
 
@@ -208,7 +208,7 @@ class SlurmConfig:
     max_requeues: int = bounded(3, ge=0)  # interruptions (time limit, preemption, requeue, signal) survived by requeueing; past it the job stops with its checkpoint kept
     setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start, e.g. ["module load cuda/12.4", "source venv/bin/activate"]
     array_parallelism: int = bounded(0, ge=0)  # array tasks (sweep cells, preprocess and predict shards) running at once (%K); 0 = no limit
-    cells_per_task: int = bounded(1, ge=1)  # sweep cells packed into one array task (run gpus_per_node at a time)
+    cells_per_task: int = bounded(1, ge=1)  # sweep cells packed into one array task; at least gpus_per_node (else sweep.workers), the cells a task runs side by side
     array_tasks: int = bounded(4, ge=1)  # array tasks of preprocess (launchers/slurm.py pipeline) and predict
 
 

@@ -49,6 +49,21 @@ def detect() -> DistEnv:
     return DistEnv()
 
 
+def publish(rank: int = 0, local_rank: int = 0, world_size: int = 1, local_world_size: int | None = None,
+            master_addr: str | None = None, master_port: int | None = None) -> DistEnv:
+    """Say where this process sits, as torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR/PORT), so :func:`detect` and torch.distributed's ``env://`` agree. The launcher's jobs (from
+    submitit's job environment), SLURM tasks started by srun, and the sweep's cell workers all come here."""
+    local = local_world_size if local_world_size is not None else world_size
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local))
+    if master_addr is not None:
+        os.environ["MASTER_ADDR"] = master_addr
+    if master_port is not None:
+        os.environ["MASTER_PORT"] = str(master_port)
+    return detect()
+
+
 def _slurm_master_addr() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
@@ -79,10 +94,8 @@ def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
     if not env.distributed or torch_dist.is_initialized():
         return env
     if env.source == "slurm":
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        os.environ.setdefault("MASTER_PORT", str(master_port(os.environ.get("SLURM_JOB_ID", "0"))))
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
-        os.environ["LOCAL_RANK"] = str(env.local_rank)
+        publish(env.rank, env.local_rank, env.world_size, None, os.environ.get("MASTER_ADDR") or _slurm_master_addr(),
+                int(os.environ.get("MASTER_PORT") or master_port(os.environ.get("SLURM_JOB_ID", "0"))))
     backend = default_backend(backend)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)

@@ -1,6 +1,8 @@
 """Whole-volume evaluation: predict every slice, stitch the volume back, score Dice and HD95 per class.
 
-The metrics themselves (definitions and conventions for absent classes) live in `pcl_hpc.metrics`.
+The slices go through `pcl_hpc.inference.predict_labels`, the forward pass `pcl-hpc predict` uses
+too, so a Dice here is the Dice of the masks predict writes. The metrics themselves (definitions
+and conventions for absent classes) live in `pcl_hpc.metrics`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pcl_hpc import metrics
 from pcl_hpc.data.store import load_volume, read_manifest
 from pcl_hpc.errors import UserError
+from pcl_hpc.inference import default_device, predict_labels
+from pcl_hpc.models.unet import build_from_spec
 
 VOLUMES_KEY = "finetune.val_volumes / finetune.test_volumes"
 RESULT_KEYS = ("init", "labeled", "mean_per_class", "mean", "class_names")  # what format_table and the CLI read
@@ -35,21 +38,6 @@ class LabeledVolume(NamedTuple):
     image: np.ndarray
     label: np.ndarray
     spacing: tuple[float, float, float]
-
-
-@torch.no_grad()
-def predict_volume(model: torch.nn.Module, image: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
-    """(Z,H,W) image -> (Z,H,W) uint8 label map; slices are padded to a multiple of 16 and cropped back."""
-    model.eval()
-    z, h, w = image.shape
-    pad_h, pad_w = (-h) % 16, (-w) % 16
-    out = np.zeros((z, h, w), dtype=np.uint8)
-    for start in range(0, z, batch):
-        x = torch.from_numpy(np.ascontiguousarray(image[start:start + batch])).float().unsqueeze(1).to(device)
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-        logits = model(x)[:, :, :h, :w]
-        out[start:start + batch] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-    return out
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
@@ -159,7 +147,7 @@ def score_volumes(model: torch.nn.Module, loaded: Mapping[str, Sequence], num_cl
     for vid, item in loaded.items():
         image, label = item[0], item[1]
         spacing = item[2] if len(item) > 2 else None
-        pred = predict_volume(model, image, device)
+        pred = predict_labels(model, image, device)
         if spacing is None or not hd95:
             per_volume[vid] = metrics.dice_per_class(pred, label, num_classes)
             hd[vid] = [None] * num_classes
@@ -218,9 +206,8 @@ def load_results(paths: list[str | Path]) -> list[dict]:
 
 
 def evaluate_model(cfg, model_path: str | None) -> dict:
-    """`pcl-hpc evaluate --model model.pt`: Dice and HD95 of a fine-tuned model on cfg.finetune.test_volumes."""
-    from pcl_hpc.models.unet import build_unet
-
+    """`pcl-hpc evaluate --model model.pt`: Dice and HD95 of a fine-tuned model on cfg.finetune.test_volumes
+    (on CUDA when there is one, as predict)."""
     if not model_path:
         raise UserError("evaluate: pass --model <model.pt written by finetune> to score it, or --results <results.json ...> "
                         "to tabulate fine-tuning results")
@@ -228,20 +215,20 @@ def evaluate_model(cfg, model_path: str | None) -> dict:
         raise UserError(f"evaluate: model file not found: {model_path} (pass --model <output_dir>/model.pt from finetune)")
     if not cfg.finetune.test_volumes:
         raise UserError("evaluate: finetune.test_volumes is empty: name the volumes to score")
-    model = build_unet(cfg.model, cfg.finetune.num_classes + 1)
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - not a torch file, truncated, pickled code, ...
         raise UserError(f"evaluate: {model_path} is not a model.pt written by finetune (cannot be read with "
                         f"torch.load(weights_only=True): {type(err).__name__})") from None
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
+        model = build_from_spec({"model": cfg.model, "num_classes": cfg.finetune.num_classes}, state)
+    except ValueError as err:
         raise UserError(f"evaluate: {model_path} does not fit model.width={cfg.model.width}, "
-                        f"finetune.num_classes={cfg.finetune.num_classes} ({str(err).splitlines()[0]})") from None
+                        f"finetune.num_classes={cfg.finetune.num_classes} ({err})") from None
     loaded = load_labeled(cfg.data.store, cfg.finetune.test_volumes, key="finetune.test_volumes")
     check_num_classes(cfg.data.store, cfg.finetune.num_classes, loaded)
-    result = score_volumes(model, loaded, cfg.finetune.num_classes, torch.device("cpu"))
+    device = default_device()
+    result = score_volumes(model.to(device), loaded, cfg.finetune.num_classes, device)
     names = (read_manifest(cfg.data.store).get("class_names") or [])[1:]
     names = names if len(names) == cfg.finetune.num_classes else [f"class{c}" for c in range(1, cfg.finetune.num_classes + 1)]
     row = {"init": str(model_path), "labeled": "-", **result}

@@ -1,6 +1,6 @@
 """`pcl-hpc export`: a fine-tuned model as TorchScript or ONNX, with its preprocessing spec beside it.
 
-``export(model_source, fmt, out)`` writes ``<out>/model.torchscript.pt`` (``torch.jit.trace``; load
+``export(model, fmt, out)`` writes ``<out>/model.torchscript.pt`` (``torch.jit.trace``; load
 with ``torch.jit.load``) or ``<out>/model.onnx`` (opset 17, dynamic batch, height and width), and
 ``<out>/model_spec.json``: the model's spec (preprocessing, classes, lineage) with an ``export``
 section naming the exported file(s) (``formats``: both can share a folder when they come from
@@ -22,6 +22,7 @@ import torch
 
 from pcl_hpc.atomic import atomic_path, write_text
 from pcl_hpc.errors import UserError
+from pcl_hpc.models.unet import build_from_spec
 from pcl_hpc.tracking.models import SEG_SPEC_FILE, open_segmentation_model
 
 EXPORT_FORMATS = ("torchscript", "onnx")
@@ -91,19 +92,22 @@ def _earlier_exports(spec_path: Path, sha256: str | None, out_dir: Path) -> dict
     return {f: v for f, v in formats.items() if f in EXPORT_FILES and (out_dir / EXPORT_FILES[f]).is_file()}
 
 
-def export(model_source: str | Path, fmt: str, out: str | Path, *, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Export the model of ``model_source`` (fine-tuning folder, model.pt or models:/...) as ``fmt``
-    (``torchscript`` | ``onnx``) into the folder ``out``; returns ``{"model": path, "spec": path}``."""
-    from pcl_hpc.predict import build_network
-
+def export(model: str | Path, fmt: str, out: str | Path, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Export the model of ``model`` (fine-tuning folder, model.pt or models:/...) as ``fmt``
+    (``torchscript`` | ``onnx``) into the folder ``out``; returns ``{"model": path, "spec": path}``.
+    ``tracking_uri``: the registry for models:/ sources (default: the process's / $MLFLOW_TRACKING_URI)."""
     fmt = str(fmt).lower()
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"export: format {fmt!r} is not known; valid: {', '.join(EXPORT_FORMATS)}")
     out_dir = Path(out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"export: --out {out_dir} is a file; pass a folder")
-    seg = open_segmentation_model(model_source, tracking_uri)
-    net = build_network(seg, str(model_source)).cpu().float()
+    seg = open_segmentation_model(model, tracking_uri)
+    try:
+        net = build_from_spec(seg.spec, seg.state).float()
+    except ValueError as err:
+        raise UserError(f"export: {model}: the weights do not fit the network in model_spec.json ({err}); the two "
+                        "files must come from the same fine-tuning") from None
     channels = int(seg.spec["model"].get("in_channels", 1))
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, channels, 64, 64, generator=generator)
@@ -126,9 +130,3 @@ def export(model_source: str | Path, fmt: str, out: str | Path, *, tracking_uri:
     write_text(spec_path, json.dumps(spec, indent=1))
     return {"model": path, "spec": spec_path}
 
-
-def run_command(args) -> int:
-    """`pcl-hpc export` (argparse namespace from pcl_hpc.cli)."""
-    paths = export(args.model, args.format, args.out, tracking_uri=args.tracking_uri or None)
-    print(f"export: {args.format} model {paths['model']}, preprocessing spec {paths['spec']}", flush=True)
-    return 0

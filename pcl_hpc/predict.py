@@ -4,8 +4,9 @@ The model carries its preprocessing (``model_spec.json`` beside ``model.pt``, or
 files as a registry version), so one folder or one ``models:/<name>@<alias>`` is all it needs.
 Per scan: read with the project's readers (NIfTI, NRRD, MHA, DICOM series folders), apply exactly
 the training preprocessing (``volume_arrays``: canonical orientation, in-plane resampling,
-intensity normalisation), predict whole slices in batches (padded to a multiple of 16; bf16
-autocast on CUDA; optional flip test-time augmentation), then map the class probabilities back:
+intensity normalisation), predict whole slices with `pcl_hpc.inference` (the forward pass that
+also scores validation and test volumes: batches, padding to a multiple of 16, bf16 autocast on
+CUDA, optional flip test-time augmentation), then map the class probabilities back:
 inverse in-plane resampling (linear on the probabilities, then argmax), inverse orientation, and
 the input's size, spacing, origin and direction copied onto the label image. Beside each mask a
 JSON sidecar names the classes and the model's version and lineage; no header field or DICOM
@@ -21,7 +22,6 @@ array splits the scans with ``shard=(i, k)`` (``--shard I/K``): every k-th scan 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -34,23 +34,19 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcl_hpc.atomic import atomic_path, write_text
-from pcl_hpc.config import ModelConfig
 from pcl_hpc.data.geometry import ORIENTATIONS
 from pcl_hpc.data.layouts import is_dicom_dir, split_ext
 from pcl_hpc.data.readers import read_image, select_channel
 from pcl_hpc.data.volume import VolumeError, volume_arrays
 from pcl_hpc.errors import UserError
-from pcl_hpc.models.unet import DOWNSAMPLE, build_unet
+from pcl_hpc.inference import AUTO_BATCH, auto_batch, default_device, predict_probabilities  # noqa: F401 (AUTO_BATCH: tools)
+from pcl_hpc.models.unet import build_from_spec
 from pcl_hpc.tracking.models import SegmentationModel, open_segmentation_model
 
 FORMATS = ("nii.gz", "keep")
-# Slices per forward pass when not given: a GPU wants big batches; on a CPU batching gains little
-# and 32 loses (tools/bench_predict.py, 192^2, f=16, 2 cores: 0.9-1.2x the per-slice loop with 8, 0.84x with 32).
-AUTO_BATCH = {True: 32, False: 8}
 # --format keep: the input's own format; a MetaImage header+raw pair becomes one .mha, DICOM .nii.gz
 KEEP_EXTENSIONS = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
 SIDECAR_FORMAT = 1
@@ -83,61 +79,25 @@ class PredictSummary:
 
 
 def build_network(model: SegmentationModel, where: str) -> torch.nn.Module:
-    """The U-Net of a spec with its weights loaded (a mismatch is a UserError naming ``where``)."""
-    spec = model.spec
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    """The U-Net of a spec with its weights loaded (a mismatch is a UserError naming ``where``), one input channel."""
     try:
-        cfg = ModelConfig(**{k: v for k, v in dict(spec["model"]).items() if k in known})
-        net = build_unet(cfg, int(spec["num_classes"]) + 1)
-        net.load_state_dict(model.state)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"{where}: the weights do not fit the network in model_spec.json "
-                        f"({str(err).splitlines()[0][:200]}); the two files must come from the same fine-tuning") from None
-    if cfg.in_channels != 1:
-        raise UserError(f"{where}: the network takes {cfg.in_channels} input channels; predict feeds one channel "
-                        "per scan (data.channel)")
-    return net.eval()
+        net = build_from_spec(model.spec, model.state)
+    except ValueError as err:
+        raise UserError(f"{where}: the weights do not fit the network in model_spec.json ({err}); the two files "
+                        "must come from the same fine-tuning") from None
+    if net.encoder.in_channels != 1:
+        raise UserError(f"{where}: the network takes {net.encoder.in_channels} input channels; predict feeds one "
+                        "channel per scan (data.channel)")
+    return net
 
 
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         return torch.device(device)
     except RuntimeError as err:
         raise UserError(f"predict: device {device!r} is not a torch device ({err}); use cpu, cuda or cuda:<n>") from None
-
-
-@torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, image: np.ndarray, device: torch.device, batch: int = 32,
-                          tta: bool = False) -> np.ndarray:
-    """(Z, H, W) image -> (Z, H, W, C) float32 softmax probabilities, C counting the background.
-
-    Whole slices, ``batch`` at a time on ``device`` (bf16 autocast on CUDA), padded to a multiple
-    of 16 and cropped back, as ``pcl_hpc.evaluate.predict_volume``. ``tta``: the mean of the
-    softmax over the identity, a horizontal flip and a vertical flip."""
-    model.eval()
-    z, h, w = image.shape
-    pad_h, pad_w = (-h) % DOWNSAMPLE, (-w) % DOWNSAMPLE
-    flips = [(), (-1,), (-2,)] if tta else [()]
-    out: np.ndarray | None = None
-    for start in range(0, z, max(1, int(batch))):
-        x = torch.from_numpy(np.ascontiguousarray(image[start:start + batch])).float().unsqueeze(1).to(device)
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-        prob = None
-        for dims in flips:
-            xi = torch.flip(x, dims) if dims else x
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(xi)
-            p = logits.float().softmax(1)
-            p = torch.flip(p, dims) if dims else p
-            prob = p if prob is None else prob + p
-        prob = (prob / len(flips))[:, :, :h, :w]
-        if out is None:
-            out = np.empty((z, h, w, prob.shape[1]), dtype=np.float32)
-        out[start:start + batch] = prob.permute(0, 2, 3, 1).cpu().numpy()
-    assert out is not None
-    return out
 
 
 # ---------------------------------------------------------------- one scan
@@ -189,7 +149,7 @@ def read_scan(path: Path, settings: dict[str, Any]) -> sitk.Image:
 
 
 def segment(net: torch.nn.Module, img: sitk.Image, settings: dict[str, Any], path: str, device: torch.device,
-            batch: int = 32, tta: bool = False) -> sitk.Image:
+            batch: int | None = None, tta: bool = False) -> sitk.Image:
     """One scan -> its label image on its own grid."""
     image, attrs = preprocess_scan(img, settings, path)
     prob = predict_probabilities(net, image, device, batch=batch, tta=tta)
@@ -343,7 +303,7 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
     where = str(model) if not isinstance(model, SegmentationModel) else "model"
     net = build_network(seg, where)
     dev = _device(device)
-    batch = int(batch) or AUTO_BATCH[dev.type == "cuda"]
+    batch = auto_batch(dev, batch)
     net.to(dev)
     scans = sorted(list_scans(inputs), key=lambda s: str(s.path))
     out_dir = Path(output).expanduser()
@@ -406,13 +366,3 @@ def predict(model: str | Path | SegmentationModel, inputs: str | Path | list, ou
     summary.seconds = time.monotonic() - start
     return summary
 
-
-def run_command(args) -> int:
-    """`pcl-hpc predict` (argparse namespace from pcl_hpc.cli): prints the summary; 1 if a scan failed."""
-    from pcl_hpc.cli import parse_shard
-
-    summary = predict(args.model, args.input, args.output, tta=args.tta, fmt=args.format, overwrite=args.overwrite,
-                      device=args.device or None, batch=args.batch, tracking_uri=args.tracking_uri or None,
-                      id_key=args.id_key or None, shard=parse_shard(args.shard, "predict"))
-    print(summary.format(), flush=True)
-    return 0 if summary.ok else 1

@@ -19,8 +19,14 @@ Outputs in ``<output_dir>/sweep/``: ``results.csv`` (one row per test volume x c
 per class), ``summary.md`` (mean ± std over folds x seeds, paired differences against random init)
 and ``label_efficiency.png``. MLflow: a parent run ``sweep`` with a nested child run per cell.
 
+The plan (:func:`sweep_plan`, see ``pcl_hpc/plan.py``): ``pretrain-<method>`` per method, ``register``
+(the parent tracking run, each encoder in the registry), ``cells`` (array tasks ``I/K``), ``report``;
+each task is ``pcl-hpc sweep --step NAME [--shard I/K]`` (:func:`run_step`). ``pcl-hpc sweep`` runs it
+here (:func:`sweep`), ``launchers/slurm.py sweep`` as chained jobs. A task runs its cells
+``sweep.workers`` at a time, one process each.
+
 As in the PCL paper, pretraining uses the store's volumes without their labels (test folds included;
-``pretrain.exclude_volumes`` holds volumes out). Cells run ``sweep.workers`` at a time, one process each.
+``pretrain.exclude_volumes`` holds volumes out).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +47,7 @@ from pcl_hpc.config import Config
 from pcl_hpc.data.store import read_manifest, split_hash
 from pcl_hpc.engine.harness import stage_folder
 from pcl_hpc.errors import UserError
+from pcl_hpc.plan import Step, Task, command, run_local
 
 METHODS = ("pcl", "gcl", "simclr")
 SPLIT_FILE = "split.json"
@@ -88,28 +96,6 @@ def method_config(cfg: Config, method: str) -> Config:
     return run
 
 
-def pretrain_method(cfg: Config, processes: int) -> None:
-    """One method's pretraining: in this process, or with ``processes`` ranks through torchrun (one node)."""
-    from pcl_hpc.train.pretrain import folder as pretrain_folder, pretrain
-
-    if processes == 1:
-        pretrain(cfg)
-        return
-    import subprocess
-    import sys
-
-    from pcl_hpc.config import save_config
-
-    config = pretrain_folder(cfg).with_suffix(".launch.yaml")  # beside the method's folder
-    save_config(cfg, config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "pcl_hpc", "pretrain", "--config", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise UserError(f"sweep: the {processes}-process pretraining of {cfg.loss.method} failed (see its output above); "
-                        f"run the same command again to resume it")
-
-
 def encoders(cfg: Config) -> list[tuple[str, str]]:
     """(name, source) of every encoder of the sweep, in table order."""
     unknown = [m for m in cfg.sweep.pretrain if m not in METHODS]
@@ -130,7 +116,7 @@ def encoders(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def plan(cfg: Config, manifest: dict | None) -> list[Cell]:
+def plan_cells(cfg: Config, manifest: dict | None) -> list[Cell]:
     """The cells, in table order (``manifest=None``: before the store exists, its folds from ``data.folds``)."""
     s = cfg.sweep
     if any(m < 1 for m in s.labeled) or not s.labeled or not s.seeds:
@@ -158,7 +144,7 @@ def cell_stage(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None =
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # a nested run under the sweep's
     run_cfg = cell_config(cfg, cell, split)
-    return Finetune(run_cfg, run_cfg.finetune, folder(cfg) / "cells" / cell.name, tags=tags)
+    return Finetune(run_cfg, run_cfg.finetune, folder(cfg) / "cells" / cell.name, tags=tags, register=False)
 
 
 def is_cell_complete(cfg: Config, cell: Cell, manifest: dict) -> bool:
@@ -181,12 +167,13 @@ def run_cell(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None) ->
 
 
 def _worker_count(cfg: Config, pending: int) -> int:
+    """Cells side by side: ``sweep.workers``, else one per visible GPU, else half the cores this process may use."""
     import torch
 
     if cfg.sweep.workers:
         return max(1, min(cfg.sweep.workers, pending))
-    gpus = torch.cuda.device_count()
-    return max(1, min(gpus or (os.cpu_count() or 1) // 2, pending))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.cuda.device_count() or cores // 2, pending))
 
 
 def _run_pending(cfg: Config, todo: list[tuple[Cell, dict]], parent: str | None) -> None:
@@ -199,28 +186,20 @@ def _run_pending(cfg: Config, todo: list[tuple[Cell, dict]], parent: str | None)
         return
     import multiprocessing
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(workers,)) as pool:
+    context = multiprocessing.get_context("spawn")
+    slots = context.Queue()
+    for i in range(workers):
+        slots.put(i)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(workers, slots)) as pool:
         for future in [pool.submit(run_cell, cfg, cell, split, parent) for cell, split in todo]:
             future.result()  # a failed cell fails the sweep; finished cells stay finished
 
 
-def _init_worker(workers: int) -> None:
-    """A cell worker: its share of the cores (``dist.set_threads`` reads LOCAL_WORLD_SIZE), a GPU of its own."""
-    os.environ["LOCAL_WORLD_SIZE"] = str(workers)
-    import torch
+def _init_worker(workers: int, slots) -> None:
+    """A cell worker: local rank ``i`` of ``workers`` (its share of the cores, GPU i on a GPU node)."""
+    from pcl_hpc import dist
 
-    if torch.cuda.is_available():  # one GPU per worker process, round robin
-        ident = multiprocessing_identity() % torch.cuda.device_count()
-        os.environ["LOCAL_RANK"] = str(ident)
-        torch.cuda.set_device(ident)
-
-
-def multiprocessing_identity() -> int:
-    import multiprocessing
-
-    ident = multiprocessing.current_process()._identity  # (n,) for pool workers, 1-based
-    return (ident[0] - 1) if ident else 0
+    dist.publish(local_rank=slots.get(), local_world_size=workers)
 
 
 def result_rows(cell: Cell, result: dict, class_names: list[str]) -> list[dict]:
@@ -246,60 +225,160 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
     return cells[i::k]
 
 
-def _parent_run(cfg: Config, cells: list[Cell], start: bool):
-    """The sweep's parent tracking run (created once, its id kept in sweep.json): (tracker or None, run id)."""
+def _state(cfg: Config) -> dict:
+    path = folder(cfg) / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _parent_run(cfg: Config, cells: list[Cell]):
+    """The sweep's parent tracking run (created once, its id kept in sweep.json): (tracker, run id)."""
     from pcl_hpc.config import flatten
     from pcl_hpc.tracking import Tracker
 
-    path = folder(cfg) / STATE_FILE
-    state = json.loads(path.read_text()) if path.is_file() else {}
-    if not start:
-        return None, state.get("run_id")
+    state = _state(cfg)
     tracker = Tracker(cfg, enabled=True, folder=folder(cfg))
     parent = tracker.start(cfg.tracking.run_name or "sweep", {k: v for k, v in flatten(cfg).items() if k.startswith("sweep.")},
                            run_id=state.get("run_id"), tags={"stage": "sweep", "cells": len(cells)})
     state.update(run_id=parent or state.get("run_id"), cells=[c.name for c in cells])
-    write_text(path, json.dumps(state) + "\n")
+    write_text(folder(cfg) / STATE_FILE, json.dumps(state) + "\n")
     return tracker, parent or state.get("run_id")
 
 
-def sweep(cfg: Config, shard: tuple[int, int] | None = None, report: bool = True, run_cells: bool = True) -> str:
-    """Pretrain the sweep's methods, run the cells not finished yet, write and return summary.md.
+# ---------------------------------------------------------------- the plan: steps and what each runs
 
-    ``shard=(i, k)``: only array task i's cells, no pretraining (the methods' jobs ran before) and no
-    report (a dependent job writes it with ``run_cells=False``). Cells run ``sweep.workers`` at a time."""
+
+STEPS = ("pretrain-<method>", "register", "cells", "report")
+
+
+def _encoder_files(cfg: Config) -> dict[str, Path]:
+    from pcl_hpc.train.pretrain import ENCODER_FILE, folder as pretrain_folder
+
+    return {m: pretrain_folder(method_config(cfg, m)) / ENCODER_FILE for m in cfg.sweep.pretrain}
+
+
+def _registered(cfg: Config) -> bool:
+    """The register step is done: the parent run exists and each method's current encoder was registered."""
+    from pcl_hpc.data.readers import file_sha256
+
+    state, files = _state(cfg), _encoder_files(cfg)
+    current = {m: file_sha256(p) for m, p in files.items() if p.is_file()}
+    return bool(state.get("run_id")) and len(current) == len(files) and state.get("encoders") == current
+
+
+def sweep_plan(cfg: Config, config: str, upstream: list[str] | None = None) -> list[Step]:
+    """The sweep's steps: pretrain-<method> (a training stage each), register, cells (an array of
+    ``slurm.cells_per_task`` cells per task, at least one per GPU of a node), report. ``config``: the
+    resolved config every task reads; ``upstream``: steps before these (their outputs are not there yet,
+    so the store is not read: the folds come from ``data.folds``)."""
+    from pcl_hpc.engine.harness import is_complete
+    from pcl_hpc.train.pretrain import Pretrain
+
+    upstream = list(upstream or [])
+    step = lambda name, *flags: command("sweep", "--step", name, *flags, config=config)  # noqa: E731
+    steps = []
+    for method, path in _encoder_files(cfg).items():
+        run = method_config(cfg, method)
+        stage = Pretrain(run, run.pretrain, path.parent)
+        steps.append(Step(f"pretrain-{method}", [Task(step(f"pretrain-{method}"), folder=str(path.parent.absolute()),
+                                                      done=lambda stage=stage: is_complete(stage))], upstream, "stage"))
+    before = upstream + [s.name for s in steps]
+    steps.append(Step("register", [Task(step("register"), done=lambda: _registered(cfg))], before))
+    manifest = read_manifest(cfg.data.store) if not upstream else None
+    cells = plan_cells(cfg, manifest)
+    per_task = max(cfg.slurm.cells_per_task, cfg.slurm.gpus_per_node or cfg.sweep.workers or 1)
+    k = max(1, math.ceil(len(cells) / per_task))  # a task fills its node's GPUs (or its workers)
+    cells_dir = str((folder(cfg) / "cells").absolute())
+    tasks = [Task(step("cells", "--shard", f"{i}/{k}"), shard=f"{i}/{k}", cells=[c.name for c in shard_cells(cells, (i, k))],
+                  folder=cells_dir, done=lambda mine=shard_cells(cells, (i, k)): all(
+                      is_cell_complete(cfg, c, manifest) for c in mine)) for i in range(k)]
+    steps.append(Step("cells", tasks, ["register"], "cells"))
+    steps.append(Step("report", [Task(step("report"), done=lambda: (folder(cfg) / "summary.md").is_file())], ["cells"]))
+    return steps
+
+
+def run_step(cfg: Config, name: str, shard: tuple[int, int] | None = None) -> None:
+    """One step of the plan in this process (``pcl-hpc sweep --step NAME [--shard I/K]``): what both runners run."""
+    if name.startswith("pretrain-") and name.removeprefix("pretrain-") in cfg.sweep.pretrain:
+        from pcl_hpc.train.pretrain import pretrain
+
+        pretrain(method_config(cfg, name.removeprefix("pretrain-")))
+        return
+    if name not in STEPS[1:]:
+        methods = ", ".join(f"pretrain-{m}" for m in cfg.sweep.pretrain)
+        raise UserError(f"sweep --step {name}: not a step of this sweep; choose one of: {methods + ', ' if methods else ''}"
+                        f"register, cells, report")
+    if shard is not None and name != "cells":
+        raise UserError(f"sweep --step {name} --shard: only the cells step is an array; drop --shard")
+    manifest = read_manifest(cfg.data.store)
+    cells = plan_cells(cfg, manifest)
+    splits = {c: protocol_split(manifest, c.fold, c.labeled, c.seed, cfg.sweep.val_patients) for c in cells}
+    if name == "register":
+        _register(cfg, cells)
+    elif name == "cells":
+        _run_cells(cfg, cells, splits, shard)
+    else:
+        unfinished = [c.name for c in cells if not is_cell_complete(cfg, c, manifest)]
+        if unfinished:
+            raise UserError(f"sweep: {len(unfinished)} of {len(cells)} cells are not finished ({', '.join(unfinished[:5])}"
+                            f"{', ...' if len(unfinished) > 5 else ''}); run `pcl-hpc sweep` with the same config to finish them")
+        tracker, _ = _parent_run(cfg, cells)
+        print(write_report(cfg, cells, splits, manifest, tracker), flush=True)
+
+
+def _register(cfg: Config, cells: list[Cell]) -> None:
+    """The sweep's parent run, and each pretrained encoder in the registry (recorded in sweep.json when all are)."""
+    from pcl_hpc.data.readers import file_sha256
+
+    tracker, parent = _parent_run(cfg, cells)
+    registered = register_encoders(cfg, parent)
+    tracker.end()
+    if registered:
+        state = _state(cfg)
+        state["encoders"] = {m: file_sha256(p) for m, p in _encoder_files(cfg).items()}
+        write_text(folder(cfg) / STATE_FILE, json.dumps(state) + "\n")
+    print(f"sweep: {len(cells)} cells: {', '.join(c.name for c in cells)}", flush=True)
+
+
+def _run_cells(cfg: Config, cells: list[Cell], splits: dict, shard: tuple[int, int] | None) -> None:
     from pcl_hpc.engine.harness import is_complete
 
-    out, manifest = folder(cfg), read_manifest(cfg.data.store)
-    cells = plan(cfg, manifest)
-    splits = {c: protocol_split(manifest, c.fold, c.labeled, c.seed, cfg.sweep.val_patients) for c in cells}
-    if shard is None and run_cells:
-        for method in cfg.sweep.pretrain:  # each once; a finished one is not rerun
-            pretrain_method(method_config(cfg, method), cfg.sweep.pretrain_processes)
-    missing = [str(Path(c.source)) for c in cells if c.encoder in cfg.sweep.pretrain and not Path(c.source).is_file()]
-    if run_cells and missing:
+    missing = [str(_encoder_files(cfg)[c.encoder]) for c in cells
+               if c.encoder in cfg.sweep.pretrain and not Path(c.source).is_file()]
+    if missing:
         raise UserError(f"sweep: the encoders {sorted(set(missing))} do not exist yet; pretrain them first "
-                        f"(`pcl-hpc sweep` without --shard does, or the pipeline's pretrain jobs)")
-    tracker, parent = _parent_run(cfg, cells, start=shard is None)
-    if shard is None and not run_cells and not report:  # --plan (the pipeline's register step)
-        register_encoders(cfg, parent)
-        print(f"sweep: {len(cells)} cells: {', '.join(c.name for c in cells)}", flush=True)
-        return ""
-    todo = [c for c in shard_cells(cells, shard) if not is_complete(cell_stage(cfg, c, splits[c]))] if run_cells else []
+                        f"(`pcl-hpc sweep` does, or the steps pretrain-<method>)")
+    todo = [c for c in shard_cells(cells, shard) if not is_complete(cell_stage(cfg, c, splits[c]))]
     start = time.time()
     if todo:
-        _run_pending(cfg, [(c, splits[c]) for c in todo], parent)
+        _run_pending(cfg, [(c, splits[c]) for c in todo], _state(cfg).get("run_id"))
+    print(f"sweep: {len(todo)} cell(s) of task {shard} run now{_rate(len(todo), start)}", flush=True)
+
+
+def _rate(count: int, start: float) -> str:
     minutes = (time.time() - start) / 60
-    rate = f" in {minutes:.1f} min ({len(todo) / minutes * 60:.0f} cells/h)" if todo else ""
-    if not report:
-        print(f"sweep: {len(todo)} cell(s) of task {shard} run now{rate}", flush=True)
-        return ""
-    unfinished = [c.name for c in cells if not is_complete(cell_stage(cfg, c, splits[c]))]
-    if unfinished:
-        raise UserError(f"sweep: {len(unfinished)} of {len(cells)} cells are not finished ({', '.join(unfinished[:5])}"
-                        f"{', ...' if len(unfinished) > 5 else ''}); run `pcl-hpc sweep` with the same config to finish them")
-    text = write_report(cfg, cells, splits, manifest, tracker)
-    print(f"\n{text}\nsweep done: {len(cells)} cells, {len(todo)} run now{rate}; outputs in {out}", flush=True)
+    return f" in {minutes:.1f} min ({count / minutes * 60:.0f} cells/h)" if count else ""
+
+
+def resolved_config(cfg: Config) -> str:
+    """The resolved config, written where the plan's tasks read it (DINOv2's habit: beside the outputs)."""
+    from pcl_hpc.config import save_config
+
+    path = (folder(cfg) / "config.yaml").absolute()
+    save_config(cfg, path)
+    return str(path)
+
+
+def sweep(cfg: Config) -> str:
+    """The local runner: run what is left of the plan here (pretrainings with ``sweep.pretrain_processes``
+    processes), then return summary.md."""
+    manifest = read_manifest(cfg.data.store)
+    cells = plan_cells(cfg, manifest)
+    todo = [c for c in cells if not is_cell_complete(cfg, c, manifest)]
+    start = time.time()
+    ran = run_local(sweep_plan(cfg, resolved_config(cfg)), stage_processes=cfg.sweep.pretrain_processes)
+    text = (folder(cfg) / "summary.md").read_text()
+    print(f"\n{text}\nsweep done: {len(cells)} cells, {len(todo)} run now{_rate(len(todo), start)}; "
+          f"{len(ran)} step(s) run; outputs in {folder(cfg)}", flush=True)
     return text
 
 
@@ -322,20 +401,22 @@ def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, t
     return text
 
 
-def register_encoders(cfg: Config, run_id: str | None) -> None:
+def register_encoders(cfg: Config, run_id: str | None) -> bool:
     """Each pretrained method's encoder in the registry as ``<register_name>-<method>@<alias>``: its
     pretraining registers it; when the registry was unreachable then (or the alias moved since),
-    the weights of ``encoder.pt`` are registered now."""
+    the weights of ``encoder.pt`` are registered now. True when every method's encoder is registered."""
     import torch
 
     from pcl_hpc.tracking import load_encoder_state, register_encoder
     from pcl_hpc.train.pretrain import ENCODER_FILE, folder as pretrain_folder
 
+    complete = True
     for method in cfg.sweep.pretrain:
         run = method_config(cfg, method)
         path = pretrain_folder(run) / ENCODER_FILE
         if not path.is_file():
             print(f"sweep: {method} is not pretrained yet ({path}); nothing to register", flush=True)
+            complete = False
             continue
         state, uri = torch.load(path, weights_only=True), f"models:/{run.tracking.register_name}@{cfg.tracking.alias}"
         try:
@@ -347,8 +428,10 @@ def register_encoders(cfg: Config, run_id: str | None) -> None:
             print(f"sweep: {method}: {uri} is {path}", flush=True)
             continue
         version = register_encoder(state, run.model, run.tracking.register_name, cfg.tracking.alias,
-                                   tags={"method": method, "registered_by": "sweep --plan"}, run_id=run_id)
+                                   tags={"method": method, "registered_by": "sweep --step register"}, run_id=run_id)
         print(f"sweep: {method}: registered {path} as {uri} (version {version})", flush=True)
+        complete = complete and bool(version)
+    return complete
 
 
 def register_best(cfg: Config, cells: list[Cell], splits: dict, run_id: str | None) -> None:

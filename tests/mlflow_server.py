@@ -62,11 +62,11 @@ def _reset_process_state() -> None:
     import mlflow
     import torch.distributed as torch_dist
 
-    import pcl_hpc.tracking.tracker as tracker_module
+    from pcl_hpc.tracking.tracker import Tracker
 
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
-    tracker_module._latest_tracker = None
+    Tracker.clear_current()
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

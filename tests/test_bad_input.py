@@ -179,6 +179,11 @@ CASES = [
          lambda c: c.train("finetune", f"finetune.encoder={c.tiny['encoder']}", f"tracking.uri=sqlite:///{c.db}",
                            *TINY_FINETUNE, "model.width=8"),  # the encoder was pretrained with width 4
          lambda c: ["finetune.encoder", "model.width"]),
+    # --- one step of the sweep's plan
+    Case("sweep --step that is not a step", lambda c: [*c.train("sweep"), "--step", "pretrain-nosuch"],
+         lambda c: ["--step pretrain-nosuch", "register, cells, report"]),
+    Case("sweep --shard without --step cells", lambda c: [*c.train("sweep"), "--step", "report", "--shard", "0/2"],
+         lambda c: ["--shard 0/2", "--step cells"]),
     # --- evaluate
     Case("evaluate --results missing.json", lambda c: ["evaluate", "--results", "missing.json"],
          lambda c: ["missing.json", "not found"]),

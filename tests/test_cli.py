@@ -1,6 +1,7 @@
 """Bad input at the command line: one clear line naming the culprit, a non-zero exit, no traceback."""
 
 import subprocess
+import sys
 
 from tests.conftest import REPO, cli
 
@@ -44,3 +45,23 @@ def test_missing_store(tmp_path):
     missing = tmp_path / "absent.zarr"
     proc = run("pretrain", "--config", "configs/demo.yaml", f"data.store={missing}", f"output_dir={tmp_path / 'o'}")
     assert_one_clear_line(proc, str(missing))
+
+
+def test_commands_are_plain_functions_that_never_import_the_cli():
+    code = ("import sys, pcl_hpc.predict, pcl_hpc.export, pcl_hpc.evaluate, pcl_hpc.inference\n"
+            "print('pcl_hpc.cli' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"  # the arrows point from the CLI to the commands, never back
+
+
+def test_model_command_arguments_is_the_predict_parser_a_launcher_reuses():
+    import argparse
+
+    from pcl_hpc.cli import model_command_arguments
+
+    parser = argparse.ArgumentParser()
+    model_command_arguments(parser, "predict")
+    args = parser.parse_args(["--model", "m", "--input", "a.nii.gz", "b", "--output", "o", "--tta", "--batch", "4"])
+    assert (args.model, args.input, args.output, args.tta, args.batch) == ("m", ["a.nii.gz", "b"], "o", True, 4)
+    assert not hasattr(args, "shard")  # the CLI adds --shard itself; a launcher makes its own shards

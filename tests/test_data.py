@@ -513,6 +513,7 @@ def test_augment_grid_affine_part_is_exact():
         assert 1 / 1.3 - 1e-4 <= s <= 1 / 0.7 + 1e-4
 
 
+@pytest.mark.gpu
 def test_grids_do_not_depend_on_chunking():
     """CPU builds grids a few transforms at a time, a GPU all at once: the same draws must give the
     same grids, so a seed means the same augmentation on any device."""
@@ -564,6 +565,7 @@ def test_worker_augmentation_equals_trainer_augmentation(built, labeled):
     assert not torch.equal(augment(batch)[key], augment(other)[key])
 
 
+@pytest.mark.gpu
 def test_augment_on_choice():
     from pcl_hpc.config import DataConfig
     from pcl_hpc.data.augment import augment_in_workers

@@ -1,9 +1,9 @@
-"""tools/device_check.sh in its tiny CPU mode: every section runs and prints its JSON line.
+"""tools/device_check.py in its tiny CPU mode: every section runs and prints its JSON line.
 
 The script exists for the CUDA paths (pretraining at 512x512 bf16 f=32 against the original-style
 step, DeepSpeed ZeRO-2, augmentation on the GPU, SyncBatchNorm on an NCCL group, torch.compile,
 fine-tuning with whole-volume prediction, exact save and resume). Those CUDA paths are only
-exercised when someone runs ``bash tools/device_check.sh`` on a lent GPU. Here the same script,
+exercised when someone runs ``python tools/device_check.py`` on a lent GPU. Here the same script,
 with the same sections through the same entry points, is checked on CPU at tiny sizes
 (``DEVICE_CHECK_TINY=1``, CUDA hidden), so that it cannot rot: it must exit 0 and print an ok JSON
 line per section, or, for a section that cannot run on a CPU, its documented CPU-mode outcome
@@ -13,6 +13,9 @@ line per section, or, for a section that cannot run on a CPU, its documented CPU
 import json
 import os
 import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -20,11 +23,13 @@ SECTIONS = ["environment", "build_data", "pretrain", "finetune_evaluate", "deeps
             "sync_batchnorm", "save_resume", "compile"]
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_device_check_tiny_cpu_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_CHECK_")}
     env.update(DEVICE_CHECK_TINY="1", DEVICE_CHECK_WORK=str(tmp_path / "work"), CUDA_VISIBLE_DEVICES="",
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run(["bash", str(REPO / "tools" / "device_check.sh")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "device_check.py")], capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=420, cwd=REPO, env=env)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]

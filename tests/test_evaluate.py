@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pcl_hpc import evaluate
+from pcl_hpc import evaluate, inference
 from pcl_hpc.data import store as zstore
 from pcl_hpc.errors import UserError
 
@@ -29,14 +29,26 @@ class ThresholdNet(torch.nn.Module):
         return torch.cat([torch.zeros_like(x), x, *rest], 1)
 
 
-def test_predict_volume_pads_to_16_crops_back_and_batches():
+def test_predict_labels_pads_to_16_crops_back_and_batches():
     image = np.random.default_rng(0).standard_normal((5, 20, 37)).astype(np.float32)
     net = ThresholdNet()
-    pred = evaluate.predict_volume(net, image, torch.device("cpu"), batch=2)
+    pred = inference.predict_labels(net, image, torch.device("cpu"), batch=2)
     assert pred.shape == (5, 20, 37) and pred.dtype == np.uint8
     np.testing.assert_array_equal(pred, (image > 0).astype(np.uint8))
     assert net.seen == [(2, 1, 32, 48), (2, 1, 32, 48), (1, 1, 32, 48)]
     assert not net.training
+
+
+def test_labels_are_the_argmax_of_the_probabilities_with_and_without_flips():
+    image = np.random.default_rng(2).standard_normal((3, 20, 37)).astype(np.float32)
+    net = ThresholdNet(classes=3)
+    cpu = torch.device("cpu")
+    for tta in (False, True):
+        prob = inference.predict_probabilities(net, image, cpu, batch=2, tta=tta)
+        assert prob.shape == (3, 20, 37, 3) and prob.dtype == np.float32
+        np.testing.assert_allclose(prob.sum(-1), 1.0, rtol=1e-6)
+        np.testing.assert_array_equal(inference.predict_labels(net, image, cpu, tta=tta), prob.argmax(-1))
+    assert net.seen[-3:] == [(3, 1, 32, 48)] * 3  # with flips: three passes over the batch (auto: 8 on a CPU)
 
 
 def make_store(path, class_names=("background", "a", "b")):

@@ -2,7 +2,6 @@
 its debug executor (`--cluster debug`: one task in the launcher's process), the slurm: settings and the
 checks against a cluster's answers (canned sinfo / scontrol output)."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -24,16 +23,16 @@ LAUNCHER = REPO / "launchers" / "slurm.py"
 
 @pytest.fixture(scope="module")
 def launcher():
-    """launchers/slurm.py as a module (it sets SUBMITIT_PREEMPT_SIGNAL on import: restored after)."""
+    """The launcher's modules as one namespace (pcl_hpc.launch sets SUBMITIT_PREEMPT_SIGNAL on import: restored after)."""
     before = os.environ.get("SUBMITIT_PREEMPT_SIGNAL")
-    spec = importlib.util.spec_from_file_location("pcl_hpc_launcher", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from pcl_hpc.launch import cli, cluster, executors, jobs
+
     if before is None:
         os.environ.pop("SUBMITIT_PREEMPT_SIGNAL", None)
     else:
         os.environ["SUBMITIT_PREEMPT_SIGNAL"] = before
-    return module
+    return types.SimpleNamespace(**{k: getattr(m, k) for m in (cluster, jobs, executors, cli) for k in dir(m)
+                                    if not k.startswith("__")})
 
 
 def run_launcher(*args, cwd, env=None, timeout=600):
@@ -57,6 +56,7 @@ def test_local_submitit_pretrain_two_tasks(demo_store, tmp_path):
     assert "on 2 process(es)" in logs, "both submitit tasks must have joined one process group"
 
 
+@pytest.mark.slow
 def test_local_stop_gives_one_line_whose_command_continues(demo_store, tmp_path):
     # SIGUSR1 on rank 1 after step 1: both local tasks save step 2 and exit 75 (no SLURM to requeue them):
     # the launcher says so in one line, with the command that continues; that command finishes the run.
@@ -159,7 +159,7 @@ def fake_cluster(launcher, monkeypatch):
                 return types.SimpleNamespace(returncode=0, stdout=text, stderr="")
         raise AssertionError(f"unexpected command {cmd}")
 
-    monkeypatch.setattr(sys.modules["launchers.cluster"], "_run", fake_run)  # where check_cluster asks
+    monkeypatch.setattr(sys.modules["pcl_hpc.launch.cluster"], "_run", fake_run)  # where check_cluster asks
     return launcher
 
 
@@ -187,6 +187,7 @@ def test_cluster_checks_pass_what_fits(fake_cluster):
         fake_cluster.check_cluster(load_config(None, settings).slurm)
 
 
+@pytest.mark.slow
 def test_slurm_tests_fail_in_ci_without_slurm(tmp_path):
     """tests/test_slurm.py skips without sbatch/sinfo, but fails under CI=true (CI must not pass without SLURM)."""
     env = {k: v for k, v in os.environ.items() if k != "CI"}
@@ -204,7 +205,8 @@ def test_checkpoint_only_returns_the_resubmission(launcher, monkeypatch):
     itself to requeue, saves and sends nothing; past slurm.max_requeues it returns None (not requeued)."""
     import submitit
 
-    job = launcher.StageJob("pretrain", "configs/demo.yaml", ["pretrain.max_steps=2"], max_requeues=2,
+    job = launcher.StageJob("pretrain", ["pretrain", "--config", "configs/demo.yaml", "pretrain.max_steps=2"],
+                            "outputs/run/pretrain", max_requeues=2,
                             continue_command="python launchers/slurm.py pretrain --config configs/demo.yaml")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     again = job.checkpoint()
@@ -213,27 +215,75 @@ def test_checkpoint_only_returns_the_resubmission(launcher, monkeypatch):
     assert job.checkpoint() is None
 
 
+@pytest.mark.gpu
 def test_sweep_steps_on_gpu_nodes_pack_one_cell_per_gpu(launcher, tmp_path):
     """What a GPU cluster gets (no GPU here, so only the plan and the #SBATCH settings are checked): with 4
-    GPUs per node each cells task holds at least 4 cells and runs them side by side (sweep.workers=4), on
-    its node's GPUs; register and report ask for none; a training stage keeps the slurm: section's."""
-    from launchers import chain
+    GPUs per node each cells task holds at least 4 cells (the cells command runs one per visible GPU side by
+    side); register and report ask for none; a training stage keeps the slurm: section's."""
+    from pcl_hpc.sweep import sweep_plan
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), [
         f"output_dir={tmp_path}", "sweep.pretrain=[pcl]", "sweep.encoders=[random]", "sweep.labeled=[1, 2]",
         "sweep.folds=[0, 1, 2]", "sweep.seeds=[0]", "slurm.gpus_per_node=4", "slurm.tasks_per_node=4",
         "slurm.cpus_per_task=8", "slurm.cells_per_task=1"])
-    steps = chain.sweep_steps(cfg, "c.yaml", [], upstream=["merge"])
+    steps = sweep_plan(cfg, "c.yaml", upstream=["merge"])
     assert [s.name for s in steps] == ["pretrain-pcl", "register", "cells", "report"]
     cells = steps[2]
-    assert len(cells.tasks) == 3 and all(len(t["cells"]) == 4 for t in cells.tasks), cells.tasks  # 12 cells
-    assert sorted(c for t in cells.tasks for c in t["cells"]) == sorted(
+    assert len(cells.tasks) == 3 and all(len(t.cells) == 4 for t in cells.tasks), cells.tasks  # 12 cells
+    assert sorted(c for t in cells.tasks for c in t.cells) == sorted(
         f"{e}_M{m}_f{f}_s0" for e in ("pcl", "random") for m in (1, 2) for f in (0, 1, 2))
-    assert all("sweep.workers=4" in t["job"]["argv"] and f"{i}/3" in t["job"]["argv"] for i, t in enumerate(cells.tasks))
+    assert all(t.argv == ["sweep", "--step", "cells", "--shard", f"{i}/3", "--config", "c.yaml"]
+               for i, t in enumerate(cells.tasks))
     assert steps[0].after == ["merge"] and cells.after == ["register"] and steps[3].after == ["cells"]
-    on = {kind: chain.step_settings(cfg.slurm, kind) for kind in ("stage", "cells", "single", "predict")}
+    on = {kind: launcher.step_settings(cfg.slurm, kind) for kind in ("stage", "cells", "single", "predict")}
     assert (on["stage"].tasks_per_node, on["stage"].gpus_per_node) == (4, 4)
     assert (on["cells"].tasks_per_node, on["cells"].gpus_per_node, on["cells"].cpus_per_task) == (1, 4, 32)
     assert (on["single"].gpus_per_node, on["predict"].gpus_per_node) == (0, 1)
     params = launcher.slurm_parameters(on["cells"], "cells")
     assert params["gpus_per_node"] == 4 and params["ntasks_per_node"] == 1
+
+
+def _steps(steps) -> list:
+    return [(s.name, s.kind, s.after, [(t.shard, t.argv, t.cells) for t in s.tasks]) for s in steps]
+
+
+def test_slurm_chain_and_local_runner_run_the_same_plan(launcher, demo_store, tmp_path, monkeypatch):
+    """For the same config the SLURM chain submits exactly the steps and commands the local runner
+    (`pcl-hpc sweep`) runs: one plan, two runners. With the pretraining and the random cells finished,
+    both leave out the same tasks. (The commands are recorded, not run: each is tested on its own.)"""
+    import pcl_hpc.engine.harness as harness
+    import pcl_hpc.plan as plan_module
+    from pcl_hpc import sweep
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [
+        f"output_dir={tmp_path}", f"data.store={demo_store}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        "sweep.pretrain=[pcl]", "sweep.encoders=[random]", "sweep.labeled=[1]", "sweep.folds=[0, 1]",
+        "sweep.seeds=[0]", "sweep.val_patients=1", "sweep.workers=1", "slurm.cluster=local"])
+    ran = []
+
+    def record(argv, processes):
+        ran.append((argv, processes))
+        if argv[:3] == ["sweep", "--step", "report"]:
+            (sweep.folder(cfg) / "summary.md").write_text("summary\n")
+        return 0
+
+    def compare(expected_names, expected_tasks):
+        ran.clear()
+        submitted = launcher.chain_steps("sweep", cfg, "local")
+        assert [s.name for s in submitted] == expected_names
+        assert [len(s.tasks) for s in submitted] == expected_tasks
+        sweep.sweep(cfg)
+        assert [argv for argv, _ in ran] == [t.argv for s in submitted for t in s.tasks], "the same commands"
+        assert [p for _, p in ran] == [2 if s.kind == "stage" else 1 for s in submitted for _ in s.tasks]
+        return submitted
+
+    monkeypatch.setattr(plan_module, "_run_process", record)
+    first = compare(["pretrain-pcl", "register", "cells", "report"], [1, 1, 4, 1])  # 4 cells, 1 per task (workers=1)
+    assert first[2].after == ["register"] and first[0].kind == "stage" and first[2].kind == "cells"
+
+    (sweep.folder(cfg) / "summary.md").unlink()
+    monkeypatch.setattr(harness, "is_complete", lambda stage: True)  # the pretraining finished
+    monkeypatch.setattr(sweep, "_registered", lambda cfg: True)
+    monkeypatch.setattr(sweep, "is_cell_complete", lambda cfg, cell, manifest: cell.encoder == "random")
+    later = compare(["cells", "report"], [2, 1])
+    assert all(c.startswith("pcl_") for t in later[0].tasks for c in t.cells) and later[0].after == []

@@ -20,12 +20,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from pcl_hpc import metrics
 from pcl_hpc.config import DataConfig, load_config
 from pcl_hpc.data import store as zstore
 from pcl_hpc.data.preprocess import preprocess
 from pcl_hpc.errors import UserError
-from pcl_hpc.evaluate import predict_volume
-from pcl_hpc.predict import build_network, predict, predict_probabilities
+from pcl_hpc.inference import predict_labels, predict_probabilities
+from pcl_hpc.predict import build_network, predict
 from pcl_hpc.tracking.models import open_segmentation_model
 from tests.conftest import REPO
 from tests.dicom_utils import write_dicom_series
@@ -75,7 +76,7 @@ def _store_prediction(folder: Path, store: str) -> np.ndarray:
     net = build_network(open_segmentation_model(folder), str(folder))
     image = zstore.load_volume(store, TEST_CASE)[0]
     pred = predict_probabilities(net, image, torch.device("cpu")).argmax(-1).astype(np.uint8)
-    assert np.array_equal(pred, predict_volume(net, image, torch.device("cpu")))  # the project's own predictor agrees
+    assert np.array_equal(pred, predict_labels(net, image, torch.device("cpu"), batch=3))  # any batch, same labels
     return pred
 
 
@@ -118,6 +119,24 @@ def test_mask_equals_the_store_prediction_where_geometry_round_trips(trained, tm
     assert sidecar["model"]["source"] == "file" and len(sidecar["model"]["sha256"]) == 64
     assert sidecar["model"]["encoder"] == {"encoder": "random"} and sidecar["tta"] == "none"
     assert sum(sidecar["voxels_per_class"].values()) == int(np.prod(src.GetSize()))
+
+
+def test_the_test_dice_of_finetuning_is_the_dice_of_the_masks_predict_writes(trained, tmp_path):
+    """One inference path: the test Dice in results.json (what selects and registers a model) is the Dice of
+    the mask predict writes for the same scan, compared with the store's label in the store's space."""
+    folder, store, raw = trained
+    results = json.loads((folder / "results.json").read_text())
+    summary = predict(folder, raw / "imagesTr" / f"{TEST_CASE}.nii.gz", tmp_path / "out", progress=False)
+    assert summary.ok and len(summary.written) == 1, summary.format()
+    _, label, attrs = zstore.load_volume(store, TEST_CASE)
+    mask = sitk.ReadImage(str(tmp_path / "out" / f"{TEST_CASE}.nii.gz"))  # on the scan's own grid (LIP)
+    in_store = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, attrs["stored_orientation"]))
+    assert in_store.shape == label.shape
+    scores = metrics.volume_metrics(in_store, label, attrs["spacing"], 3)
+    assert 0.3 < np.mean(scores["dice"]) < 1.0  # a real, imperfect segmentation
+    assert scores["dice"] == pytest.approx(results["per_volume"][TEST_CASE], rel=0, abs=1e-6)
+    assert results["mean"] == pytest.approx(float(np.mean(scores["dice"])), rel=0, abs=1e-6)
+    assert scores["hd95_mm"] == pytest.approx(results["hd95_mm_per_volume"][TEST_CASE], rel=0, abs=1e-6)
 
 
 def test_non_canonical_scan_at_another_spacing_gets_its_own_grid(trained, tmp_path):
@@ -332,6 +351,7 @@ def test_two_orientations_of_one_scan_give_the_same_mask(trained, tmp_path):
     assert np.array_equal(got, want), f"{(got != want).sum()} of {want.size} voxels differ"
 
 
+@pytest.mark.slow
 def test_a_model_fitted_to_one_volume_scores_dice_above_0_9_on_its_source_file(demo_store, tmp_path):
     """Fit one demo volume (train = selection = dk01) at 2.4 mm in-plane, then predict the 3 mm source
     file it came from: the mask, back on the source's own grid, against the source label file.

@@ -67,6 +67,7 @@ def logged_steps(out):
     return [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ddp_kill_and_torchrun_restart_is_exact(demo_store, tmp_path, mlflow_db):
     extra = ["engine.grad_accum=2", "engine.grad_clip=1.0", "data.num_workers=1"]
     straight = pretrain(demo_store, tmp_path / "a", mlflow_db, "ddp", extra)
@@ -84,6 +85,7 @@ def test_ddp_kill_and_torchrun_restart_is_exact(demo_store, tmp_path, mlflow_db)
         ["step_000000002", "step_000000004"]
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_signal_requeue_and_resume_is_exact(demo_store, tmp_path, mlflow_db):
     extra = ["engine.zero_stage=2", "checkpoint.every_steps=0"]
     straight = pretrain(demo_store, tmp_path / "a", mlflow_db, "deepspeed", extra)
@@ -182,6 +184,7 @@ def assert_same_encoder(a, b):
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), "encoders differ"
 
 
+@pytest.mark.slow
 def test_external_sigterm_exits_75_and_resume_is_exact(demo_store, tmp_path, mlflow_db):
     steps = ["pretrain.max_steps=30"]
     solo(demo_store, tmp_path / "a", mlflow_db, *steps)
@@ -191,11 +194,12 @@ def test_external_sigterm_exits_75_and_resume_is_exact(demo_store, tmp_path, mlf
     stopped_at = int(latest_checkpoint(tmp_path / "b" / "pretrain").name.split("_")[1])
     assert 3 <= stopped_at < 30 and not (tmp_path / "b" / "pretrain" / "encoder.pt").exists()
     resumed = solo(demo_store, tmp_path / "b", mlflow_db, *steps)
-    assert f"resuming from" in resumed.stdout and f"(step {stopped_at})" in resumed.stdout
+    assert "resuming from" in resumed.stdout and f"(step {stopped_at})" in resumed.stdout
     assert logged_steps(tmp_path / "b") == list(range(1, 31))
     assert_same_encoder(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_reruns_lost_steps_once(demo_store, tmp_path):
     from mlflow import MlflowClient
 
@@ -218,6 +222,7 @@ def test_sigkill_between_checkpoints_reruns_lost_steps_once(demo_store, tmp_path
     assert sorted(m.step for m in history) == list(range(1, 41)), "each step once in MLflow"
 
 
+@pytest.mark.slow
 def test_stop_at_n_then_continue_to_2n_with_schedule_steps_is_exact(demo_store, tmp_path, mlflow_db):
     solo(demo_store, tmp_path / "a", mlflow_db, "pretrain.max_steps=8")
     solo(demo_store, tmp_path / "b", mlflow_db, "pretrain.max_steps=4", "pretrain.schedule_steps=8")

@@ -133,3 +133,36 @@ def test_bad_sources_are_user_errors(mlflow_server, tmp_path):
         load_segmentation_model(f"models:/{name}")
     with pytest.raises(UserError, match="not found"):
         load_segmentation_model(str(tmp_path / "nowhere"))
+
+
+def test_encoders_and_segmentation_models_go_through_one_routine(tmp_path, monkeypatch):
+    """register_encoder and register_segmentation_model are register_version with their kind: what
+    the kind packs, the run and tags passed on, and the same outage handling (warning, None)."""
+    import pcl_hpc.tracking.versions as versions
+    from pcl_hpc.config import ModelConfig
+    from pcl_hpc.tracking import EncoderVersion, SegmentationVersion, register_encoder
+
+    calls = []
+
+    def fake_log_version(version, name, alias, tags, run_id):
+        staged = tmp_path / f"staged-{len(calls)}"
+        staged.mkdir()
+        calls.append((type(version), sorted(p.name for p in version.stage(staged).values()), name, alias, tags, run_id))
+        return str(len(calls))
+
+    monkeypatch.setattr(versions, "log_version", fake_log_version)
+    folder = write_model_folder(tmp_path / "m")
+    state = {"module.w": torch.ones(2, 3), "module.b": torch.zeros(2)}
+    assert register_encoder(state, ModelConfig(), "enc", "candidate", tags={"k": 1}, run_id="r1") == "1"
+    assert register_segmentation_model(folder, "seg", tags={"k": 2}, run_id="r2") == "2"
+    assert calls == [(EncoderVersion, ["encoder.pt", "model_config.json"], "enc", "candidate", {"k": 1}, "r1"),
+                     (SegmentationVersion, ["model.pt", "model_spec.json"], "seg", "candidate", {"k": 2}, "r2")]
+
+    def unreachable(*args):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(versions, "log_version", unreachable)
+    with pytest.warns(RuntimeWarning, match="could not register the encoder as 'enc'.*register_encoder"):
+        assert register_encoder(state, ModelConfig(), "enc", "candidate") is None
+    with pytest.warns(RuntimeWarning, match=f"could not register the segmentation model {folder} as 'seg'"):
+        assert register_segmentation_model(folder, "seg") is None

@@ -49,7 +49,8 @@ def _slurm_unavailable() -> str:
 
 _UNAVAILABLE = _slurm_unavailable()  # once: sinfo retries for a while when no controller answers
 _IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE) and not _IN_CI, reason=_UNAVAILABLE or "SLURM is up")
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(bool(_UNAVAILABLE) and not _IN_CI, reason=_UNAVAILABLE or "SLURM is up")]
 
 
 @pytest.fixture(autouse=True)

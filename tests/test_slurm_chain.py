@@ -33,7 +33,7 @@ def sweep_args(store, out, **extra):
               "data.patch": 32, "model.width": 4, "model.projection_dim": 32, "finetune.batch_size": 8,
               "finetune.epochs": 40, "sweep.pretrain": "[]", "sweep.encoders": "[random]", "sweep.labeled": "[1]",
               "sweep.folds": "[0, 1]", "sweep.seeds": "[0, 1]", "sweep.val_patients": 1, "engine.threads": 1,
-              "tracking.register_name": "chain", **extra}
+              "sweep.workers": 1, "tracking.register_name": "chain", **extra}  # workers=1: one cell per array task
     return [f"{k}={v}" for k, v in values.items()]
 
 

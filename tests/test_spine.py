@@ -158,6 +158,7 @@ def test_evaluate_command_scores_a_finetuned_model(two_process_run, tmp_path, ca
                  str(tmp_path / "missing.pt"), *args]) == 2
 
 
+@pytest.mark.gpu
 def test_sync_batchnorm_option():
     """SyncBatchNorm has no CPU kernel: asking for it on a multi-process CPU job fails clearly, up front."""
     from pcl_hpc.dist import DistEnv

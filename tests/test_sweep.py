@@ -48,6 +48,7 @@ def run_sweep(store, out, *flags, ok=True):
     return proc
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_rerun_runs_nothing(demo_store, tmp_path):
     from mlflow import MlflowClient
 
@@ -98,16 +99,16 @@ def test_tiny_sweep_end_to_end_and_rerun_runs_nothing(demo_store, tmp_path):
     assert len(again) == len(runs), "a rerun makes no new runs"
     assert len(client.search_model_versions("name='sweep-test-pcl-seg'")) == 1, "nor registers again"
 
-    # The same cells as array tasks (what launchers/slurm.py submits): plan, two shards, the report.
+    # The same cells as the plan's steps one by one (what launchers/slurm.py submits): register, two shards, report.
     import shutil
 
     shutil.rmtree(sweep_dir)
-    run_sweep(demo_store, out, "--plan")
+    run_sweep(demo_store, out, "--step", "register")
     assert not (sweep_dir / "cells").exists() and (sweep_dir / "sweep.json").is_file()
-    early = run_sweep(demo_store, out, "--report-only", ok=False)
+    early = run_sweep(demo_store, out, "--step", "report", ok=False)
     assert "4 of 4 cells are not finished" in early.stderr and "Traceback" not in early.stderr
     for task in ("0/2", "1/2"):
-        shard = run_sweep(demo_store, out, "--shard", task)
+        shard = run_sweep(demo_store, out, "--step", "cells", "--shard", task)
         assert "2 cell(s) of task" in shard.stdout and "pretrain done" not in shard.stdout
-    run_sweep(demo_store, out, "--report-only")
+    run_sweep(demo_store, out, "--step", "report")
     assert (sweep_dir / "summary.md").read_text() == summary, "array tasks give the local sweep's summary"

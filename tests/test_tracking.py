@@ -389,3 +389,37 @@ def test_offline_run_and_registration_are_replayed(mlflow_server, tmp_path, monk
     assert len(client.get_metric_history(run_id, "loss")) == 4
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_a_new_kind_of_version_is_a_small_class(mlflow_server, tmp_path):
+    """A kind says how its files are packed and which tags it adds; register_version does the rest."""
+    from pcl_hpc.tracking import VersionKind, register_version
+
+    class NotesVersion(VersionKind):
+        label, tag_prefix, name_in_run, model_type = "notes", "notes", "notes", "pcl-notes"
+        weights_artifact, code_file, temp_prefix = "weights", "pcl_notes_model.py", "pcl-notes-"
+        pyfunc_code = ("import mlflow\nfrom mlflow.pyfunc import PythonModel\n\n\nclass Notes(PythonModel):\n"
+                       "    def predict(self, context, model_input: list[str], params=None) -> list[str]:\n"
+                       "        return model_input\n\n\nmlflow.models.set_model(Notes())\n")
+        tensors = 1
+
+        def stage(self, folder):
+            torch.save({"w": torch.ones(3)}, folder / "weights.pt")
+            (folder / "notes.txt").write_text("hello")
+            return {"weights": folder / "weights.pt", "notes": folder / "notes.txt"}
+
+        def version_tags(self):
+            return {"notes.lines": 1}
+
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start("export", {})
+    name = _unique("notes")
+    assert register_version(NotesVersion(), name, "candidate", tags={"stage": "export"}) == "1"  # the Tracker's run
+    tracker.end()
+    mv = MlflowClient(mlflow_server).get_model_version(name, "1")
+    assert mv.run_id == run_id and "candidate" in mv.aliases
+    assert mv.tags["notes.run_id"] == run_id and mv.tags["notes.tensors"] == "1" and len(mv.tags["notes.sha256"]) == 64
+    assert mv.tags["notes.lines"] == "1" and mv.tags["stage"] == "export"
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
+    assert (model_dir / "artifacts" / "notes.txt").read_text() == "hello"

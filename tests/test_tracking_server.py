@@ -152,6 +152,7 @@ def test_two_process_pretrain_one_run_registered_and_lineage(demo_store, mlflow_
     assert (lineage["encoder_name"], lineage["encoder_version"], lineage["encoder_run_id"]) == (name, "1", run_id)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_path):
     """Kill the server under a running 2-process pretrain (and an in-process Tracker), restart it."""
     if not own_server.running:

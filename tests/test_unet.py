@@ -7,6 +7,7 @@ from pcl_hpc.models.unet import (
     ProjectionHead,
     UNet,
     UNetEncoder,
+    build_from_spec,
     build_pretrain_net,
     build_unet,
 )
@@ -75,3 +76,19 @@ def test_size_not_divisible_by_16_is_refused(shape):
 def test_wrong_channel_count_is_refused():
     with pytest.raises(ValueError, match="input channel"):
         UNet(out_classes=2, width=4, in_channels=1)(torch.randn(1, 3, 32, 32))
+
+
+def test_build_from_spec_is_the_network_of_a_model_spec_with_its_weights():
+    trained = build_unet(ModelConfig(width=4), 3)
+    spec = {"model": {"width": 4, "in_channels": 1, "projection_dim": 8, "from_a_newer_version": 1}, "num_classes": 2}
+    net = build_from_spec(spec, trained.state_dict())
+    assert isinstance(net, UNet) and not net.training and net.out_classes == 3 and net.encoder.width == 4
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
+    assert build_from_spec({"model": ModelConfig(width=4), "num_classes": 2}).out_classes == 3  # a config, no weights
+    with pytest.raises(ValueError, match="size mismatch") as err:
+        build_from_spec({**spec, "num_classes": 3}, trained.state_dict())
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="no 'num_classes'"):
+        build_from_spec({"model": {"width": 4}})
+    with pytest.raises(ValueError, match="width"):
+        build_from_spec({"model": {"width": 0}, "num_classes": 1})

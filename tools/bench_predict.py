@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from pcl_hpc.config import DataConfig, load_config  # noqa: E402
+from pcl_hpc.config import load_config  # noqa: E402
 from pcl_hpc.data.preprocess import volume_settings  # noqa: E402
 from pcl_hpc.models.unet import build_unet  # noqa: E402
 from pcl_hpc.train.finetune import SPEC_FILE, model_spec  # noqa: E402

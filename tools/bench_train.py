@@ -4,7 +4,7 @@
     .venv/bin/python tools/bench_train.py --patch 512 --batch 32   # on a CUDA GPU (bf16)
     .venv/bin/python tools/bench_train.py --device cpu --patch 32 --width 4 --batch 4 --steps 2 --warmup 1
 
-(tools/device_check.sh runs it at both sizes.) ``--device`` picks the device (auto: CUDA when there
+(tools/device_check.py runs it at both sizes.) ``--device`` picks the device (auto: CUDA when there
 is one, as training does); ``--precision`` is ours (the baseline is always fp32).
 
 Prints one JSON line. Both steps run in this process on the same weights and data, without

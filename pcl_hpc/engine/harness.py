@@ -326,12 +326,12 @@ def fit(h: Harness) -> None:
 
 
 def run_key(stage: Stage) -> str:
-    """A hash of what a stage's result is a function of: its config (less where it runs: ``slurm``, and
-    the sweep's list of cells: a cell's own seed, split and encoder are in its config and identity, so
-    adding a seed or running cells side by side never invalidates a finished cell), the store's
-    content, its identity()."""
-    config = {k: v for k, v in to_dict(stage.cfg).items() if k != "slurm"}
-    config["sweep"] = {"pretrain_processes": stage.cfg.sweep.pretrain_processes}  # a pretraining's world size
+    """A hash of what a stage's result is a function of: its config (less how and where it runs: ``slurm``,
+    and ``sweep``: a cell's own seed, split and encoder are in its config and identity, so adding a seed or
+    running cells side by side never invalidates a finished cell), the store's content, its identity().
+    The number of processes a run had is recorded beside the key (``world_size`` in complete.json), as the
+    SLURM settings are not part of it: a runner may pretrain with other resources than another one."""
+    config = {k: v for k, v in to_dict(stage.cfg).items() if k not in ("slurm", "sweep")}
     what = {"config": config, "store": read_manifest(stage.cfg.data.store).get("content_hash", ""),
             **stage.identity()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
@@ -372,7 +372,8 @@ def run(stage: Stage) -> Any:
             result = stage.export(h)
         if h.env.is_main:
             write_text(stage.folder / COMPLETE_FILE,
-                       json.dumps({"key": key, "step": h.state.step, "run_id": h.state.run_id}) + "\n")
+                       json.dumps({"key": key, "step": h.state.step, "run_id": h.state.run_id,
+                                   "world_size": h.env.world_size}) + "\n")
         h.tracker.end()
     finally:
         dist.teardown()  # also after an error: no process group is left behind in this process

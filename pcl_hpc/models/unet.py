@@ -6,6 +6,10 @@ U-Net whose ``.encoder`` is the same module, so a pretrained encoder state_dict 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -141,3 +145,27 @@ def build_pretrain_net(cfg: ModelConfig) -> PretrainNet:
 
 def build_unet(cfg: ModelConfig, out_classes: int) -> UNet:
     return UNet(out_classes, width=cfg.width, in_channels=cfg.in_channels)
+
+
+def build_from_spec(spec: Mapping[str, Any], state: Mapping[str, Tensor] | None = None) -> UNet:
+    """The segmentation U-Net a model spec describes, in eval mode, with the state_dict ``state`` loaded if given.
+
+    ``spec["model"]``: a ModelConfig or its fields (keys it does not know, from another pcl-hpc
+    version, are ignored); ``spec["num_classes"]``: the foreground classes (one more output: the
+    background). The spec is model_spec.json as `pcl_hpc.train.finetune.model_spec` writes it.
+    What does not fit (a missing key, a bad value, weights of another shape) is a ValueError with
+    one line saying what; callers turn it into a UserError naming their file."""
+    try:
+        model = spec["model"]
+        if not isinstance(model, ModelConfig):
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            model = ModelConfig(**{k: v for k, v in dict(model).items() if k in known})
+        net = build_unet(model, int(spec["num_classes"]) + 1)
+        if state is not None:
+            net.load_state_dict(state)
+    except KeyError as err:
+        raise ValueError(f"the spec has no {err.args[0]!r}") from None
+    except (TypeError, ValueError, RuntimeError, AttributeError) as err:  # not a state_dict, or another shape
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise ValueError(text if len(text) <= 200 else text[:197] + "...") from None
+    return net.eval()

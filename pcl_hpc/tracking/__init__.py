@@ -19,6 +19,10 @@
   ``encoder.pt`` (``torch.save`` of the tensors) and ``model_config.json``. If the server is
   unreachable it warns and returns None (and, when a Tracker is running, keeps a copy of the
   weights for :func:`replay_fallback`): a tracking failure never fails the training job.
+* :func:`register_segmentation_model` does the same for a fine-tuned model (``model.pt`` +
+  ``model_spec.json``). Both go through one routine, :func:`register_version`: a kind of version
+  (:class:`VersionKind`: :class:`EncoderVersion`, :class:`SegmentationVersion`) only says how its
+  files are packed and which tags it adds.
 * :func:`promote_alias` moves an alias (default ``champion``) to a version.
 * :func:`load_encoder_state` reads ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a
   path to ``encoder.pt``, always with ``torch.load(..., weights_only=True)``;
@@ -28,9 +32,11 @@ Medical data hygiene: lists of volume ids in the params (any key ending in ``vol
 ``pretrain.volumes``, ``finetune.test_volumes``) are logged as a count and a hash, never as ids.
 No host or user names are logged.
 
-Modules: :mod:`.tracker` (the run, URIs, standard tags), :mod:`.system_metrics`,
-:mod:`.registry` (register, load, aliases), :mod:`.fallback` (the fallback file and its replay),
-:mod:`._common` (shared constants and helpers); ``python -m pcl_hpc.tracking`` is :mod:`.__main__`.
+Modules: :mod:`.tracker` (the run, URIs, standard tags; :meth:`Tracker.current` is the running one),
+:mod:`.system_metrics`, :mod:`.versions` (the registration routine every kind goes through),
+:mod:`.registry` (encoders: register, load, aliases), :mod:`.models` (segmentation models),
+:mod:`.fallback` (the fallback file and its replay), :mod:`._common` (shared constants and
+helpers); ``python -m pcl_hpc.tracking`` is :mod:`.__main__`.
 """
 
 from pcl_hpc.tracking._common import (
@@ -46,6 +52,7 @@ from pcl_hpc.tracking.models import (
     SEG_SPEC_FILE,
     SEG_WEIGHTS_FILE,
     SegmentationModel,
+    SegmentationVersion,
     load_segmentation_model,
     open_segmentation_model,
     register_segmentation_model,
@@ -55,6 +62,7 @@ from pcl_hpc.tracking.registry import (
     ENCODER_FILE,
     MODEL_CONFIG_FILE,
     MODEL_NAME_IN_RUN,
+    EncoderVersion,
     encoder_lineage,
     load_encoder_state,
     local_encoder_file,
@@ -71,16 +79,19 @@ from pcl_hpc.tracking.tracker import (
     standard_tags,
     use_tracking_uri,
 )
+from pcl_hpc.tracking.versions import VersionKind, register_version
 
 __all__ = [
     "SEG_SPEC_FILE",
     "SEG_WEIGHTS_FILE",
     "SegmentationModel",
+    "SegmentationVersion",
     "load_segmentation_model",
     "open_segmentation_model",
     "register_segmentation_model",
     "segmentation_model_name",
     "ENCODER_FILE",
+    "EncoderVersion",
     "FALLBACK_FILE",
     "HTTP_ENV_DEFAULTS",
     "MAX_PARAM_CHARS",
@@ -93,6 +104,7 @@ __all__ = [
     "REPLAY_TAG",
     "SLURM_TAG_VARS",
     "UNREGISTERED_DIR",
+    "VersionKind",
     "Tracker",
     "encoder_lineage",
     "git_commit",
@@ -101,6 +113,7 @@ __all__ = [
     "promote_alias",
     "read_fallback",
     "register_encoder",
+    "register_version",
     "replay_fallback",
     "resolve_tracking_uri",
     "standard_tags",

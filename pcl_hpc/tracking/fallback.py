@@ -21,17 +21,16 @@ already in the run is never sent twice).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from pcl_hpc.config import ModelConfig
 from pcl_hpc.tracking._common import METRICS_PER_BATCH, _chunks, _ensure_experiment, _log_params_and_tags, _tag_str
-from pcl_hpc.tracking.registry import _load_weights, _register
+from pcl_hpc.tracking.registry import EncoderVersion
 from pcl_hpc.tracking.tracker import use_tracking_uri
+from pcl_hpc.tracking.versions import log_version
 
 log = logging.getLogger(__package__)
 
@@ -164,10 +163,7 @@ def replay_fallback(fallback_path: str | Path, tracking_uri: str | None = None, 
             if done:
                 registered.append(str(done[0].version))
                 continue
-            weights = _load_weights(Path(r["path"]), r["path"])
-            model = ModelConfig(**{k: v for k, v in (r.get("model") or {}).items()
-                                   if k in {f.name for f in dataclasses.fields(ModelConfig)}})
-            registered.append(_register(weights, model, name, r["alias"], r.get("tags") or {}, run_id))
+            registered.append(log_version(EncoderVersion.from_kept(r), name, r["alias"], r.get("tags") or {}, run_id))
 
         status = None
         ends = [r for r in recs if r["kind"] == "end"]

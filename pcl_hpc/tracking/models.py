@@ -5,7 +5,8 @@ A fine-tuned model is two plain files (``pcl_hpc.train.finetune`` writes them si
 (the store's preprocessing, the network's settings, the class names and where the model came
 from). :func:`register_segmentation_model` stores both as the artifacts of a new version of a
 registered model (a "models from code" pyfunc, as for the encoders in :mod:`.registry`: the
-registry holds no pickled Python objects), with lineage tags; :func:`load_segmentation_model`
+registry holds no pickled Python objects; :class:`SegmentationVersion` says how, and
+:func:`pcl_hpc.tracking.versions.register_version` registers it), with lineage tags; :func:`load_segmentation_model`
 reads them back from ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a folder or a
 ``model.pt`` path, always with ``torch.load(..., weights_only=True)``. Aliases are moved with
 :func:`pcl_hpc.tracking.promote_alias` (it works for any registered model name).
@@ -13,29 +14,19 @@ reads them back from ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-import pcl_hpc.tracking.tracker as _tracker_module
 from pcl_hpc.errors import UserError
-from pcl_hpc.tracking._common import _is_data_error, _short, _tag_str
-from pcl_hpc.tracking.registry import (
-    _check_alias,
-    _load_weights,
-    _parse_models_uri,
-    _registry_uri,
-    _resolve_version,
-    _use_uri,
-    registration_run,
-)
+from pcl_hpc.tracking._common import _sha256, _short, _tag_str
+from pcl_hpc.tracking.registry import _load_weights, _parse_models_uri, _resolve_version, _use_uri
+from pcl_hpc.tracking.versions import VersionKind, check_alias, register_version
 
 log = logging.getLogger(__package__)
 
@@ -66,15 +57,12 @@ from mlflow.pyfunc import PythonModel
 
 class PclSegmentation(PythonModel):
     def load_context(self, context):
-        from pcl_hpc.config import ModelConfig
-        from pcl_hpc.models.unet import build_unet
+        from pcl_hpc.models.unet import build_from_spec
 
         with open(context.artifacts["model_spec"], encoding="utf-8") as f:
             self.spec = json.load(f)
         state = torch.load(context.artifacts["model"], map_location="cpu", weights_only=True)
-        self.net = build_unet(ModelConfig(**self.spec["model"]), int(self.spec["num_classes"]) + 1)
-        self.net.load_state_dict(state)
-        self.net.eval()
+        self.net = build_from_spec(self.spec, state)
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # (N, C, H, W) -> (N, H, W)
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
@@ -175,14 +163,6 @@ def _local_model(source: str | Path | tuple | list) -> tuple[Path, dict[str, Any
     return weights, spec
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _spec_tags(spec: dict[str, Any]) -> dict[str, str]:
     """Version tags from the spec: classes, network, preprocessing and the encoder's lineage."""
     pre = spec.get("preprocessing") or {}
@@ -207,6 +187,55 @@ def _spec_tags(spec: dict[str, Any]) -> dict[str, str]:
 # registering
 
 
+class SegmentationVersion(VersionKind):
+    """A segmentation model version: ``model.pt`` and ``model_spec.json`` (copied under these names,
+    whatever the files are called), with a signature (slices in, class ids out) and tags ``seg.*``,
+    ``model.*``, ``preprocessing.*``, ``lineage.*`` from the spec. Nothing is kept during an outage:
+    the files stay where they are."""
+
+    label = "segmentation model"
+    tag_prefix = "seg"
+    name_in_run = SEG_MODEL_NAME_IN_RUN
+    model_type = "pcl-segmentation"
+    weights_artifact = "model"
+    code_file = "pcl_segmentation_model.py"
+    pyfunc_code = _PYFUNC_CODE
+    temp_prefix = "pcl-seg-"
+    log_label = "segmentation model "
+
+    def __init__(self, folder_or_files: str | Path | tuple | list):
+        self.weights, self.spec = _local_model(folder_or_files)
+        self.spec_path = local_segmentation_files(folder_or_files)[1]
+        # a state_dict of tensors, or a UserError before anything is logged
+        self.tensors = len(_load_weights(self.weights, str(self.weights)))
+
+    def stage(self, folder: Path) -> dict[str, Path]:
+        weights, spec = folder / SEG_WEIGHTS_FILE, folder / SEG_SPEC_FILE
+        shutil.copyfile(self.weights, weights)
+        shutil.copyfile(self.spec_path, spec)
+        return {"model": weights, "model_spec": spec}
+
+    def version_tags(self) -> dict:
+        return _spec_tags(self.spec)
+
+    def signature(self):
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        channels = int((self.spec.get("model") or {}).get("in_channels", 1))
+        return ModelSignature(  # preprocessed slices in, class ids out
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
+            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
+
+    def describe(self) -> str:
+        return f"segmentation model {self.weights.parent}"
+
+    def register_later(self, name: str, kept: Path | None, tracker) -> str:
+        return (f"Register it later with pcl_hpc.tracking.register_segmentation_model"
+                f"({str(self.weights.parent)!r}, {name!r}).")
+
+
 def register_segmentation_model(
     folder_or_files: str | Path | tuple | list,
     name: str,
@@ -223,80 +252,14 @@ def register_segmentation_model(
     ``lineage.*`` from the spec, then ``tags`` (the caller's lineage: encoder, split hash, test Dice).
 
     Logged within ``run_id``, else the running Tracker's run, else MLflow's active run, else a new
-    run (as :func:`pcl_hpc.tracking.register_encoder`). A bad alias raises ValueError, a missing or
+    run (as :func:`pcl_hpc.tracking.register_encoder`; both go through
+    :func:`pcl_hpc.tracking.versions.register_version`). A bad alias raises ValueError, a missing or
     foreign spec UserError, a request the server refuses MlflowException. If the server is
     unreachable it warns (``RuntimeWarning``) and returns None: training never fails for it (the
     files stay where they are; register them later with this function).
     """
-    _check_alias(alias)
-    weights, spec = _local_model(folder_or_files)
-    spec_path = local_segmentation_files(folder_or_files)[1]
-    state = _load_weights(weights, str(weights))  # a state_dict of tensors, or a UserError before anything is logged
-    latest = _tracker_module._latest_tracker
-    tracker = latest if (latest is not None and latest.enabled) else None
-    if tracker is not None and (tracker._ended or (run_id is not None and tracker.run_id not in (None, run_id))):
-        tracker = None
-    if run_id is None and tracker is not None:
-        if tracker.run_id is None:
-            tracker._reconnect(force=True)
-        run_id = tracker.run_id
-    try:
-        if tracker is not None and run_id is None:
-            raise ConnectionError(f"the run of this process was never created at {tracker.uri}")
-        return _register(weights, spec_path, spec, len(state), name, alias, tags, run_id)
-    except Exception as err:  # noqa: BLE001 - decided below
-        if _is_data_error(err):
-            raise
-        message = (f"could not register the segmentation model {weights.parent} as {name!r} at {_registry_uri()}: "
-                   f"{_short(err)}. Register it later with pcl_hpc.tracking.register_segmentation_model"
-                   f"({str(weights.parent)!r}, {name!r}).")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        log.warning("tracking: %s", message)
-        return None
-
-
-def _register(weights: Path, spec_path: Path, spec: dict, tensors: int, name: str, alias: str,
-              tags: dict | None, run_id: str | None) -> str:
-    import mlflow
-    import numpy as np
-    from mlflow import MlflowClient
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    channels = int((spec.get("model") or {}).get("in_channels", 1))
-    signature = ModelSignature(  # preprocessed slices in, class ids out
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
-    client = MlflowClient()
-    with registration_run(client, run_id, name) as run_id:
-        with tempfile.TemporaryDirectory(prefix="pcl-seg-") as tmp:
-            # under the canonical names, whatever the files are called here (model_best.pt, ...)
-            staged_weights, staged_spec = Path(tmp) / SEG_WEIGHTS_FILE, Path(tmp) / SEG_SPEC_FILE
-            shutil.copyfile(weights, staged_weights)
-            shutil.copyfile(spec_path, staged_spec)
-            code = Path(tmp) / "pcl_segmentation_model.py"
-            code.write_text(_PYFUNC_CODE)
-            digest = _sha256(staged_weights)
-            logged = mlflow.initialize_logged_model(
-                name=SEG_MODEL_NAME_IN_RUN, source_run_id=run_id,
-                experiment_id=client.get_run(run_id).info.experiment_id, model_type="pcl-segmentation")
-            with warnings.catch_warnings():  # the signature says it all: an example would be run at log time
-                warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-                info = Model.log(
-                    artifact_path=None, name=SEG_MODEL_NAME_IN_RUN, flavor=mlflow.pyfunc, run_id=run_id,
-                    python_model=str(code),
-                    artifacts={"model": str(staged_weights), "model_spec": str(staged_spec)},
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-                    registered_model_name=name, flavor_name="pyfunc.ModelFromCode", model_id=logged.model_id,
-                    signature=signature)
-        version = str(info.registered_model_version)
-        client.set_registered_model_alias(name, alias, version)
-        version_tags = {"seg.sha256": digest, "seg.tensors": str(tensors), "seg.run_id": run_id,
-                        **_spec_tags(spec), **{str(k): _tag_str(v) for k, v in (tags or {}).items()}}
-        for key, value in version_tags.items():
-            client.set_model_version_tag(name, version, key, value)
-    log.info("registered segmentation model %s version %s (alias %s) from run %s", name, version, alias, run_id)
-    return version
+    check_alias(alias)  # before the files are looked at
+    return register_version(SegmentationVersion(folder_or_files), name, alias, tags, run_id)
 
 
 # ----------------------------------------------------------------------------------------------

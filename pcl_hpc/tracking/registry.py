@@ -1,28 +1,26 @@
-"""The encoder model registry: :func:`register_encoder`, :func:`load_encoder_state`, :func:`encoder_lineage`,
-:func:`promote_alias` and the alias checks."""
+"""The encoder model registry: :class:`EncoderVersion` (how an encoder version is packed; registered
+by :func:`pcl_hpc.tracking.versions.register_version`), :func:`register_encoder`,
+:func:`load_encoder_state`, :func:`encoder_lineage`, :func:`promote_alias` and the ``models:/`` lookups."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import os
-import re
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import pcl_hpc.tracking.tracker as _tracker_module
+from pcl_hpc.atomic import save_torch
 from pcl_hpc.config import ModelConfig
 from pcl_hpc.errors import UserError
-from pcl_hpc.tracking._common import _DATA_ERROR_CODES, _ensure_experiment, _is_data_error, _short, _tag_str
+from pcl_hpc.tracking._common import _DATA_ERROR_CODES, _short
+from pcl_hpc.tracking.tracker import Tracker, use_tracking_uri
+from pcl_hpc.tracking.versions import VersionKind, check_alias, register_version
 
 log = logging.getLogger(__package__)
 
@@ -55,23 +53,6 @@ class PclEncoder(PythonModel):
 mlflow.models.set_model(PclEncoder())
 '''
 
-_RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
-_ALIAS_CHARS = re.compile(r"^[\w\-]+$")
-
-
-def _check_alias(alias: str) -> None:
-    if not alias:
-        raise ValueError("alias must not be empty (e.g. 'candidate')")
-    if alias.lower() == "latest":
-        raise ValueError(
-            "alias 'latest' is reserved by MLflow (models:/<name>@latest always means the newest "
-            "version); choose another alias, e.g. 'candidate' or 'champion'"
-        )
-    if _RESERVED_ALIAS.match(alias):
-        raise ValueError(f"alias {alias!r} is reserved by MLflow for version numbers; choose another alias")
-    if not _ALIAS_CHARS.match(alias):
-        raise ValueError(f"alias {alias!r}: only letters, digits, '_' and '-' are allowed")
-
 
 def _plain_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A CPU copy of a state_dict, without a DDP/compile ``module.`` / ``_orig_mod.`` prefix."""
@@ -84,6 +65,49 @@ def _plain_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if out and all(k.startswith(prefix) for k in out):
             out = {k[len(prefix):]: v for k, v in out.items()}
     return out
+
+
+class EncoderVersion(VersionKind):
+    """An encoder version: ``encoder.pt`` (the tensors) and ``model_config.json``; tags ``encoder.*``
+    and ``model.*``. During an outage a copy of the weights is kept for :func:`replay_fallback`."""
+
+    label = "encoder"
+    tag_prefix = "encoder"
+    name_in_run = MODEL_NAME_IN_RUN
+    model_type = "pcl-encoder"
+    weights_artifact = "encoder"
+    code_file = "pcl_encoder_model.py"
+    pyfunc_code = _PYFUNC_CODE
+    temp_prefix = "pcl-encoder-"
+
+    def __init__(self, state: dict[str, torch.Tensor], model_cfg: ModelConfig):
+        self.state, self.model_cfg, self.tensors = state, model_cfg, len(state)
+
+    @classmethod
+    def from_kept(cls, record: dict) -> "EncoderVersion":
+        """The version a fallback file's ``register`` line kept (its weights file and model settings)."""
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = ModelConfig(**{k: v for k, v in (record.get("model") or {}).items() if k in fields})
+        return cls(_load_weights(Path(record["path"]), record["path"]), model)
+
+    def stage(self, folder: Path) -> dict[str, Path]:
+        weights, config = folder / ENCODER_FILE, folder / MODEL_CONFIG_FILE
+        torch.save(self.state, weights)
+        config.write_text(json.dumps(dataclasses.asdict(self.model_cfg), indent=2))
+        return {"encoder": weights, "model_config": config}
+
+    def version_tags(self) -> dict:
+        return {f"model.{k}": v for k, v in dataclasses.asdict(self.model_cfg).items()}
+
+    def keep(self, path: Path) -> dict:
+        save_torch(self.state, path)
+        return {"model": dataclasses.asdict(self.model_cfg)}
+
+    def register_later(self, name: str, kept: Path | None, tracker: Tracker | None) -> str:
+        if kept:
+            return (f"Weights kept in {kept}; send them later with pcl_hpc.tracking.replay_fallback"
+                    f"({str(tracker.fallback_path)!r}, <tracking uri>).")
+        return "Register the saved encoder.pt later with pcl_hpc.tracking.register_encoder."
 
 
 def register_encoder(
@@ -106,126 +130,10 @@ def register_encoder(
     MlflowException. If the server is unreachable it warns (``RuntimeWarning``) and returns None;
     when a Tracker is running, a copy of the weights goes to ``<output_dir>/unregistered/`` and a
     ``register`` line to its fallback file, so :func:`replay_fallback` registers it later.
+    (:func:`pcl_hpc.tracking.versions.register_version` does it.)
     """
-    _check_alias(alias)  # before anything is logged
-    state = _plain_state(encoder_state)
-    _latest_tracker = _tracker_module._latest_tracker  # set by Tracker.start
-    tracker = _latest_tracker if (_latest_tracker is not None and _latest_tracker.enabled) else None
-    if tracker is not None and (tracker._ended or (run_id is not None and tracker.run_id not in (None, run_id))):
-        tracker = None
-    if run_id is None and tracker is not None:
-        if tracker.run_id is None:
-            tracker._reconnect(force=True)  # the server may be back: create the Tracker's run first
-        run_id = tracker.run_id
-    try:
-        if tracker is not None and run_id is None:
-            raise ConnectionError(f"the run of this process was never created at {tracker.uri}")
-        return _register(state, model_cfg, name, alias, tags, run_id)
-    except Exception as err:  # noqa: BLE001 - decided below
-        if _is_data_error(err):
-            raise
-        kept = tracker._keep_unregistered(state, model_cfg, name, alias, tags) if tracker is not None else None
-        message = (
-            f"could not register the encoder as {name!r} at {_registry_uri()}: {_short(err)}. "
-            + (f"Weights kept in {kept}; send them later with pcl_hpc.tracking.replay_fallback"
-               f"({str(tracker.fallback_path)!r}, <tracking uri>)." if kept else
-               "Register the saved encoder.pt later with pcl_hpc.tracking.register_encoder.")
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        log.warning("tracking: %s", message)
-        return None
-
-
-def _registry_uri() -> str:
-    try:
-        import mlflow
-
-        return mlflow.get_registry_uri()
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
-@contextlib.contextmanager
-def registration_run(client, run_id: str | None, name: str):
-    """The run a model version is logged in: ``run_id``, else MLflow's active run, else a new run
-    ``register-<name>`` (experiment ``$MLFLOW_EXPERIMENT_NAME`` or pcl-hpc) ended FINISHED or FAILED."""
-    import mlflow
-
-    own_run = None
-    if run_id is None:
-        active = mlflow.active_run()
-        if active is not None:
-            run_id = active.info.run_id
-        else:
-            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "pcl-hpc"
-            exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or _ensure_experiment(
-                client, experiment, mlflow.get_tracking_uri()
-            )
-            own_run = client.create_run(exp_id, run_name=f"register-{name}")
-            run_id = own_run.info.run_id
-    try:
-        yield run_id
-    except BaseException:
-        if own_run is not None:
-            try:
-                client.set_terminated(own_run.info.run_id, status="FAILED")
-            except Exception:  # noqa: BLE001 - the server may be gone; report the first error
-                pass
-        raise
-    if own_run is not None:
-        client.set_terminated(own_run.info.run_id, status="FINISHED")
-
-
-def _register(
-    state: dict[str, torch.Tensor], model_cfg: ModelConfig, name: str, alias: str, tags: dict | None, run_id: str | None
-) -> str:
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.models import Model
-
-    client = MlflowClient()
-    with registration_run(client, run_id, name) as run_id:
-        with tempfile.TemporaryDirectory(prefix="pcl-encoder-") as tmp:
-            weights = Path(tmp) / ENCODER_FILE
-            torch.save(state, weights)
-            config_file = Path(tmp) / MODEL_CONFIG_FILE
-            config_file.write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2))
-            code = Path(tmp) / "pcl_encoder_model.py"
-            code.write_text(_PYFUNC_CODE)
-            digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-            # Create the logged model in the run's experiment: Model.log alone would put it in the
-            # fluent "current" experiment (often Default, with artifacts in ./mlruns).
-            logged = mlflow.initialize_logged_model(
-                name=MODEL_NAME_IN_RUN,
-                source_run_id=run_id,
-                experiment_id=client.get_run(run_id).info.experiment_id,
-                model_type="pcl-encoder",
-            )
-            info = Model.log(
-                artifact_path=None,
-                name=MODEL_NAME_IN_RUN,
-                flavor=mlflow.pyfunc,
-                run_id=run_id,
-                python_model=str(code),
-                artifacts={"encoder": str(weights), "model_config": str(config_file)},
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-                registered_model_name=name,
-                flavor_name="pyfunc.ModelFromCode",
-                model_id=logged.model_id,
-            )
-        version = str(info.registered_model_version)
-        client.set_registered_model_alias(name, alias, version)
-        version_tags = {
-            "encoder.sha256": digest,
-            "encoder.tensors": str(len(state)),
-            "encoder.run_id": run_id,
-            **{f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()},
-            **(tags or {}),
-        }
-        for key, value in version_tags.items():
-            client.set_model_version_tag(name, version, str(key), _tag_str(value))
-    log.info("registered %s version %s (alias %s) from run %s", name, version, alias, run_id)
-    return version
+    check_alias(alias)  # before the weights are looked at
+    return register_version(EncoderVersion(_plain_state(encoder_state), model_cfg), name, alias, tags, run_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,8 +231,6 @@ def local_encoder_file(source: str) -> Path:
 
 def _use_uri(tracking_uri: str | None) -> None:
     if tracking_uri:
-        from pcl_hpc.tracking.tracker import use_tracking_uri
-
         use_tracking_uri(tracking_uri)
 
 
@@ -387,7 +293,7 @@ def promote_alias(name: str, version_or_alias_source: str | int, alias: str = "c
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    _check_alias(alias)
+    check_alias(alias)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) if tracking_uri else MlflowClient()
     source = str(version_or_alias_source)
     if source.startswith("models:/"):

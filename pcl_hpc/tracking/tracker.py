@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -17,8 +16,7 @@ from typing import Any
 
 
 from pcl_hpc import dist
-from pcl_hpc.atomic import save_torch
-from pcl_hpc.config import Config, ModelConfig
+from pcl_hpc.config import Config
 from pcl_hpc.tracking._common import (
     FALLBACK_FILE,
     METRICS_PER_BATCH,
@@ -45,7 +43,7 @@ HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUES
 
 SLURM_TAG_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 
-_latest_tracker: "Tracker | None" = None  # the last started Tracker (register_encoder's fallback file)
+_latest_tracker: "Tracker | None" = None  # the last started Tracker: Tracker.current()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +124,8 @@ class Tracker:
     ``start`` sets the tracking URI, which the registry follows (process-wide, so
     :func:`register_encoder` and :func:`load_encoder_state` use the same store), the experiment
     ``cfg.tracking.experiment``, and creates a run (or resumes ``run_id``). The run is not made
-    MLflow's "active run"; pass ``tracker.run_id`` to :func:`register_encoder`.
+    MLflow's "active run"; pass ``tracker.run_id`` to :func:`register_encoder` (which also finds
+    it with :meth:`Tracker.current`).
 
     * Tags: :func:`standard_tags` (git commit, world size, SLURM ids) plus the caller's.
     * Params are immutable: on resume, a param whose value changed is kept as it was and the new
@@ -183,6 +182,40 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         return self._run_id
+
+    @classmethod
+    def current(cls) -> "Tracker | None":
+        """The Tracker this process started last, while it is enabled and not ended; else None.
+
+        Registrations (:func:`pcl_hpc.tracking.versions.register_version`) log into its run and,
+        during an outage, keep what could not be registered in its fallback file."""
+        tracker = _latest_tracker
+        if tracker is None or not tracker.enabled or tracker._ended:
+            return None
+        return tracker
+
+    @classmethod
+    def clear_current(cls) -> None:
+        """Forget the last started Tracker (:meth:`current` is None until the next ``start``)."""
+        global _latest_tracker
+        _latest_tracker = None
+
+    def ensure_run(self) -> str | None:
+        """The run id; if the run could not be created yet (server down at ``start``), try again now
+        (and send the backlog). None while it still cannot be created, or when not started."""
+        if self.enabled and self._run_id is None:
+            self._reconnect(force=True)
+        return self._run_id
+
+    def unregistered_path(self, name: str, suffix: str = ".pt") -> Path:
+        """A new file under ``<folder>/unregistered/`` for a copy of model ``name`` that could not be registered."""
+        safe = re.sub(r"[^\w\-.]", "_", name)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.fallback_path.parent / UNREGISTERED_DIR / f"{safe}-{stamp}-{self.session[:6]}{suffix}"
+
+    def write_fallback(self, record: dict) -> None:
+        """Append ``record`` (with its ``kind``) to the fallback file, with this session and run."""
+        self._fallback(record)
 
     @property
     def offline(self) -> bool:
@@ -406,21 +439,6 @@ class Tracker:
             self._pending_artifacts.pop(0)
         if sent:
             self._fallback({"kind": "flushed", "metrics": sent, "run_id": self._run_id})
-
-    def _keep_unregistered(self, state, model_cfg: ModelConfig, name: str, alias: str, tags: dict | None) -> Path | None:
-        """Save encoder weights that could not be registered, and a ``register`` fallback line."""
-        folder = self.fallback_path.parent / UNREGISTERED_DIR
-        safe = re.sub(r"[^\w\-.]", "_", name)
-        path = folder / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{self.session[:6]}.pt"
-        try:
-            save_torch(state, path)
-        except OSError as err:
-            log.warning("tracking: cannot keep the unregistered encoder in %s: %s", folder, err)
-            return None
-        self._fallback({"kind": "register", "name": name, "alias": alias, "path": str(path.absolute()),
-                        "model": dataclasses.asdict(model_cfg),
-                        "tags": {str(k): _tag_str(v) for k, v in (tags or {}).items()}})
-        return path
 
     def _keep_metrics(self, entries: list) -> None:
         self._pending_metrics.extend(entries)

@@ -24,7 +24,7 @@ from pcl_hpc.engine.harness import Harness, Stage, run, stage_folder
 from pcl_hpc.errors import UserError
 from pcl_hpc.evaluate import check_num_classes, load_labeled, score_volumes
 from pcl_hpc.losses import segmentation_loss
-from pcl_hpc.models.unet import build_unet
+from pcl_hpc.models.unet import build_from_spec, build_unet
 from pcl_hpc.optim import build_finetune_optimizer
 from pcl_hpc.tracking import (encoder_lineage, load_encoder_state, local_encoder_file, register_segmentation_model,
                               resolve_tracking_uri, segmentation_model_name)
@@ -86,9 +86,10 @@ def folder(cfg: Config) -> Path:
 class Finetune(Stage):
     name, distributed, checkpoint_each_epoch = "finetune", False, True
 
-    def __init__(self, cfg: Config, section, folder: Path, tags: dict | None = None):
+    def __init__(self, cfg: Config, section, folder: Path, tags: dict | None = None, register: bool = True):
         super().__init__(cfg, section, folder)
         self.tags = dict(tags or {})  # extra tracking tags (the sweep: the cell, its parent run)
+        self.register = register  # register the model at the end (a sweep registers only its best cell: False)
 
     def dataset(self, h: Harness) -> SliceDataset:
         f, data = self.cfg.finetune, self.cfg.data
@@ -172,16 +173,18 @@ class Finetune(Stage):
         model.load_state_dict(torch.load(out / "model_best.pt", map_location=h.env.device, weights_only=True))
         save_torch(model.state_dict(), out / "model.pt")
         test = load_labeled(self.cfg.data.store, f.test_volumes, key="finetune.test_volumes")
-        result = score_volumes(model, test, f.num_classes, h.env.device)
         names = (h.manifest.get("class_names") or [])[1:] or [f"class{c}" for c in range(1, f.num_classes + 1)]
+        spec = model_spec(self.cfg, h.manifest, self.identity(), names)
+        net = build_from_spec(spec, model.state_dict()).to(h.env.device)  # the network predict builds from the files
+        result = score_volumes(net, test, f.num_classes, h.env.device)
         result.update(init=self.cfg.tracking.run_name or init_name(f.encoder), labeled=len(f.train_volumes),
                       best_val_dice=h.state.best_score, class_names=names)
         write_text(out / RESULTS_FILE, json.dumps(result, indent=2))
-        write_text(out / SPEC_FILE, json.dumps(model_spec(self.cfg, h.manifest, self.identity(), names), indent=1))
+        write_text(out / SPEC_FILE, json.dumps(spec, indent=1))
         h.tracker.log_metrics({"test_dice": result["mean"]}, h.state.step)
         h.tracker.log_artifact(out / RESULTS_FILE)
         registered = ""
-        if "cell" not in self.tags:  # sweep cells are compared in the sweep's results.csv; it registers the best
+        if self.register:
             name = segmentation_model_name(self.cfg)
             split = {"train": f.train_volumes, "val": f.val_volumes, "test": f.test_volumes}
             encoder = self.identity()["encoder"]

@@ -1,4 +1,6 @@
-"""The picklable jobs submitit runs: a training stage (`StageJob`) and any pcl-hpc command (`CommandJob`).
+"""The picklable jobs submitit runs: every rank of a training stage (`StageJob`) and one pcl-hpc command (`CommandJob`).
+
+Both run a ``pcl-hpc`` command line (a plan's task, :class:`pcl_hpc.plan.Task`) in the job's process.
 
 Both are checkpointable: submitit's handler calls :meth:`Job.checkpoint` (on rank 0, inside the
 signal handler) only when SIGUSR1 arrives outside a training loop; during training the StepGuard has
@@ -11,17 +13,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import submitit
 
-from launchers.cluster import _run, base_state, job_state
 from pcl_hpc import dist
-from pcl_hpc.config import load_config
 from pcl_hpc.engine.checkpoint import latest_checkpoint
 from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE, Preempted
 from pcl_hpc.errors import UserError
+from pcl_hpc.launch.cluster import _run, base_state, job_state
+from pcl_hpc.plan import mark_done
 
 
 class JobStopped(UserError):
@@ -30,15 +31,6 @@ class JobStopped(UserError):
 
 class CommandFailed(RuntimeError):
     """A pcl-hpc command of a job ended with a non-zero status (its own error line is in the task's log)."""
-
-
-def stage_folder(cfg, stage: str) -> Path:
-    """Where a training stage writes (its submitit logs go beside its outputs)."""
-    if stage == "pretrain":
-        from pcl_hpc.train.pretrain import folder
-    else:
-        from pcl_hpc.train.finetune import folder
-    return folder(cfg)
 
 
 def checkpoint_text(folder: Path) -> str:
@@ -146,29 +138,33 @@ class Job(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-class StageJob(Job):
-    """One training stage (pretrain | finetune), one task per process; sets the torch.distributed variables."""
+def _parse(argv: list[str]):
+    from pcl_hpc.cli import build_parser
 
-    def __init__(self, stage: str, config_path: str, overrides: list[str], max_requeues: int = 3,
-                 continue_command: str = ""):
-        self.stage, self.config_path, self.overrides = stage, config_path, list(overrides)
+    return build_parser().parse_args(argv)
+
+
+class StageJob(Job):
+    """Every rank of a training stage (one task per process): ``pcl-hpc pretrain|finetune|sweep --step
+    pretrain-<method> ...``, each task told its rank; a requeued run continues its own checkpoint."""
+
+    def __init__(self, name: str, argv: list[str], folder: str, max_requeues: int = 3, continue_command: str = ""):
+        self.name, self.argv, self.folder = name, list(argv), Path(folder)
         self.max_requeues, self.continue_command = int(max_requeues), continue_command
-        self.name, self._cfg = stage, None
 
     def __call__(self):
+        from pcl_hpc.cli import run
+
         job = submitit.JobEnvironment()
         tasks = max(job.num_tasks, 1)
-        os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(job.local_rank),
-                          LOCAL_WORLD_SIZE=str(tasks // max(job.num_nodes, 1)))
-        if tasks > 1:
-            os.environ.update(MASTER_ADDR=job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1",
-                              MASTER_PORT=str(dist.master_port(job.job_id)))
-        cfg = self._cfg = load_config(self.config_path, self.overrides)
-        if restarts() > 0 and latest_checkpoint(stage_folder(cfg, self.stage)) is not None:
-            # a requeued run always continues its own checkpoint (not a checkpoint.path it started from)
-            cfg = self._cfg = load_config(self.config_path, self.overrides + ["checkpoint.resume=true", "checkpoint.path="])
+        dist.publish(job.global_rank, job.local_rank, tasks, tasks // max(job.num_nodes, 1),
+                     *((job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1", dist.master_port(job.job_id))
+                       if tasks > 1 else ()))
+        argv = list(self.argv)
+        if restarts() > 0 and latest_checkpoint(self.folder) is not None:
+            argv += ["checkpoint.resume=true", "checkpoint.path="]  # not a checkpoint.path it started from
         try:
-            return self.run_stage(cfg)
+            run(_parse(argv))  # a UserError reaches submitit: its line is the job's error
         except Preempted:
             if job.global_rank == 0:
                 self.after_preemption(job)
@@ -177,41 +173,33 @@ class StageJob(Job):
             if tasks > 1 and lost_peer(err) and self.after_lost_rank(job, err):
                 raise SystemExit(REQUEUE_EXIT_CODE) from None
             raise
-
-    def run_stage(self, cfg):
-        if self.stage == "pretrain":
-            from pcl_hpc.train.pretrain import pretrain
-
-            return str(pretrain(cfg))
-        from pcl_hpc.train.finetune import finetune
-
-        return finetune(cfg)
+        return f"pcl-hpc {self.argv[0]} done"
 
     def resumes_from(self) -> str:
-        return checkpoint_text(stage_folder(self._cfg, self.stage)) if self._cfg is not None else "latest"
+        return checkpoint_text(self.folder) or "latest"
 
     def where(self) -> str:
-        ckpt = (checkpoint_text(stage_folder(self._cfg, self.stage)) if self._cfg is not None else "") or "none yet"
-        return f"checkpoint {ckpt}; continue with: {self.continue_command}"
+        return f"checkpoint {checkpoint_text(self.folder) or 'none yet'}; continue with: {self.continue_command}"
 
 
 class CommandJob(Job):
     """One task that runs a pcl-hpc command (`pcl-hpc <argv>`) in its process: an array task of a sweep
-    (`sweep --shard I/K`), of preprocessing or of predict, a merge, the register or report step.
+    (`sweep --step cells --shard I/K`), of preprocessing or of predict, a merge, the register or report step.
 
     Each of these commands is idempotent (a finished cell, volume or mask is skipped), so a requeued
-    task simply runs its command again; a cell interrupted mid-training resumes from its checkpoint."""
+    task simply runs its command again; a cell interrupted mid-training resumes from its checkpoint.
+    ``then``: the plan's success marker, written once the command succeeded."""
 
     def __init__(self, name: str, argv: list[str], max_requeues: int = 3, continue_command: str = "",
-                 after: Callable[[], None] | None = None):
+                 then: dict | None = None):
         self.name, self.argv, self.max_requeues = name, list(argv), int(max_requeues)
-        self.continue_command, self.after = continue_command, after
+        self.continue_command, self.then = continue_command, then
 
     def __call__(self):
         from pcl_hpc.cli import main
 
         job = submitit.JobEnvironment()
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.publish()  # one process: rank 0 of 1
         try:
             code = main(self.argv)
         except Preempted:
@@ -222,6 +210,5 @@ class CommandJob(Job):
         if code:
             raise CommandFailed(f"pcl-hpc {self.argv[0]} ended with exit status {code} (its error is in this task's "
                                 f"log): pcl-hpc {' '.join(self.argv)}")
-        if self.after is not None:
-            self.after()
+        mark_done(self.then)
         return f"pcl-hpc {self.argv[0]} done"

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from submitit.core.utils import JobPaths, pickle_load
 
-from launchers.chain import Step, read_ledger, submit_steps
-from launchers.cluster import ACTIVE_STATES, task_states
 from pcl_hpc.config import SlurmConfig
+from pcl_hpc.errors import UserError
+from pcl_hpc.launch.chain import read_ledger, submit_steps
+from pcl_hpc.launch.cluster import ACTIVE_STATES, task_states
+from pcl_hpc.plan import Step, Task
 
 USER_ERROR = re.compile(r"^pcl-hpc \S+: error: |^launchers/slurm.py: error: ")  # a command's one line
 FAILED_FILE = re.compile(r"^\s*(predict: )?FAILED ")  # preprocess / predict: a file that failed
@@ -141,27 +143,27 @@ def resubmit_failed(folder: Path, ledger: list[dict], failed: list[tuple[dict, d
     for step_name in dict.fromkeys(r["step"] for r, _ in latest):
         mine = [(r, t) for r, t in latest if r["step"] == step_name]
         record = mine[-1][0]
-        tasks = [{k: v for k, v in t.items() if k != "job_id"} for r, t in mine if (step_name, t.get("shard", "")) in again]
+        tasks = [_task(t) for r, t in mine if (step_name, t.get("shard", "")) in again]
         if tasks:
             after = [s.name for s in steps if s.name in _step_deps(ledger, step_name)]
             steps.append(Step(step_name, tasks, after, record.get("kind", "single")))
     print(f"resubmitting {sum(len(s.tasks) for s in steps)} task(s) of {', '.join(s.name for s in steps)}:", flush=True)
     submit_steps(first["cluster"], steps, folder, SlurmConfig(**first["slurm"]),
-                 f"python launchers/slurm.py status {folder} --resubmit",
-                 wait_local=_wait_local)
+                 f"python launchers/slurm.py status {folder} --resubmit")
     return 0
+
+
+def _task(record: dict) -> Task:
+    if "argv" not in record:
+        raise UserError("this ledger was written by an older pcl-hpc (its tasks carry no command): submit the "
+                        "sweep, pipeline or predict again instead of --resubmit")
+    return Task.from_record(record)
 
 
 def _step_deps(ledger: list[dict], step: str) -> set[str]:
     """The steps a step waited for, by name (from the job ids its records depended on)."""
     by_id = {r["job_id"]: r["step"] for r in ledger}
     return {by_id[d] for r in ledger if r["step"] == step for d in r.get("after", []) if d in by_id}
-
-
-def _wait_local(step, submitted) -> bool:
-    from launchers.slurm import wait_results
-
-    return wait_results(submitted)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
