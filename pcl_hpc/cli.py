@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             cmd.add_argument("--step", metavar="NAME", help="run one step of the sweep's plan: pretrain-<method>, "
                              "register (the tracking run, the encoders in the registry), cells, report")
-            cmd.add_argument("--shard", metavar="I/K", help="with --step cells: only array task I's cells of K")
+            cmd.add_argument("--shard", metavar="I/K", help="with --step cells: only array task I's cells of K "
+                             "(I/K,J/K,...: several tasks' cells in one pool of workers)")
             cmd.add_argument("--plan", action="store_true", help="print the plan (steps, tasks, what is left) and exit")
         if name == "demo":
             cmd.add_argument("--out", default="outputs/demo", help="folder for data, store, runs and MLflow db")
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> None:
 
             print(describe(plan_for("sweep", cfg)))
         elif args.step:
-            sweep.run_step(cfg, args.step, parse_shard(args.shard))
+            sweep.run_step(cfg, args.step, [parse_shard(t) for t in args.shard.split(",")] if args.shard else None)
         else:
             sweep.sweep(cfg)
     elif args.command == "evaluate":

@@ -6,7 +6,8 @@ A :class:`Step` is one job, or a job array when it has several :class:`Task` s. 
 ``pcl_hpc.pipeline``); two runners execute the same plan:
 
 * :func:`run_local` here: each pending task as a ``python -m pcl_hpc <argv>`` process, in order
-  (a training stage with ``processes`` > 1 through torchrun on this node);
+  (a training stage with ``processes`` > 1 through torchrun on this node; the tasks of a ``together``
+  array in one process, which runs their cells in one pool);
 * the SLURM chain (``pcl_hpc.launch.chain``): each pending step as a job or array, chained by ``afterok``.
 
 Both ask :func:`pending_steps` what is left: a task runs when it is not done, or when a step it
@@ -59,9 +60,19 @@ class Step:
     tasks: list[Task]
     after: list[str] = dataclasses.field(default_factory=list)  # the steps this one waits for
     kind: str = "single"  # one of KINDS
+    together: bool = False  # an array whose tasks one process may run at once (``--shard 0/8,3/8``): see run_local
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
+
+    def commands(self) -> list[list[str]]:
+        """What the local runner runs for these tasks: each task's argv, or (``together``) one argv holding
+        every task's shard, so one pool of workers is shared by all of them (no worker idles at a task's end)."""
+        if not self.together or len(self.tasks) < 2:
+            return [t.argv for t in self.tasks]
+        argv = list(self.tasks[0].argv)
+        argv[argv.index("--shard") + 1] = ",".join(t.shard for t in self.tasks)
+        return [argv]
 
 
 def command(name: str, *flags: str, config: str) -> list[str]:
@@ -77,7 +88,7 @@ def pending_steps(steps: list[Step]) -> list[Step]:
         upstream = [a for a in step.after if a in names]
         tasks = list(step.tasks) if upstream else [t for t in step.tasks if not t.done()]
         if tasks:
-            out.append(Step(step.name, tasks, upstream, step.kind))
+            out.append(Step(step.name, tasks, upstream, step.kind, step.together))
     return out
 
 
@@ -106,13 +117,14 @@ def run_local(steps: list[Step], stage_processes: int = 1, echo: Callable[[str],
     ``stage_processes``: processes of a training stage (torchrun, one node). Returns what was run."""
     todo = pending_steps(steps)
     for step in todo:
-        for task in step.tasks:
-            label = f"{step.name} {task.shard}".strip()
-            echo(f"[{label}] pcl-hpc {' '.join(task.argv)}")
-            code = _run_process(task.argv, stage_processes if step.kind == "stage" else 1)
+        for argv in step.commands():
+            label = f"{step.name} {argv[argv.index('--shard') + 1] if '--shard' in argv else ''}".strip()
+            echo(f"[{label}] pcl-hpc {' '.join(argv)}")
+            code = _run_process(argv, stage_processes if step.kind == "stage" else 1)
             if code != 0:
                 raise UserError(f"{label} failed (exit status {code}; its error is above); run the same command "
                                 f"again: what finished is kept")
+        for task in step.tasks:
             mark_done(task.then)
     return todo
 

@@ -291,13 +291,14 @@ def sweep_plan(cfg: Config, config: str, upstream: list[str] | None = None) -> l
     tasks = [Task(step("cells", "--shard", f"{i}/{k}"), shard=f"{i}/{k}", cells=[c.name for c in shard_cells(cells, (i, k))],
                   folder=cells_dir, done=lambda mine=shard_cells(cells, (i, k)): all(
                       is_cell_complete(cfg, c, manifest) for c in mine)) for i in range(k)]
-    steps.append(Step("cells", tasks, ["register"], "cells"))
+    steps.append(Step("cells", tasks, ["register"], "cells", together=True))
     steps.append(Step("report", [Task(step("report"), done=lambda: (folder(cfg) / "summary.md").is_file())], ["cells"]))
     return steps
 
 
-def run_step(cfg: Config, name: str, shard: tuple[int, int] | None = None) -> None:
-    """One step of the plan in this process (``pcl-hpc sweep --step NAME [--shard I/K]``): what both runners run."""
+def run_step(cfg: Config, name: str, shards: list[tuple[int, int]] | None = None) -> None:
+    """One step of the plan in this process (``pcl-hpc sweep --step NAME [--shard I/K[,J/K...]]``): what both
+    runners run. The cells of several shards (the local runner's way to run an array) share one pool."""
     if name.startswith("pretrain-") and name.removeprefix("pretrain-") in cfg.sweep.pretrain:
         from pcl_hpc.train.pretrain import pretrain
 
@@ -307,7 +308,7 @@ def run_step(cfg: Config, name: str, shard: tuple[int, int] | None = None) -> No
         methods = ", ".join(f"pretrain-{m}" for m in cfg.sweep.pretrain)
         raise UserError(f"sweep --step {name}: not a step of this sweep; choose one of: {methods + ', ' if methods else ''}"
                         f"register, cells, report")
-    if shard is not None and name != "cells":
+    if shards and name != "cells":
         raise UserError(f"sweep --step {name} --shard: only the cells step is an array; drop --shard")
     manifest = read_manifest(cfg.data.store)
     cells = plan_cells(cfg, manifest)
@@ -315,7 +316,7 @@ def run_step(cfg: Config, name: str, shard: tuple[int, int] | None = None) -> No
     if name == "register":
         _register(cfg, cells)
     elif name == "cells":
-        _run_cells(cfg, cells, splits, shard)
+        _run_cells(cfg, cells, splits, shards)
     else:
         unfinished = [c.name for c in cells if not is_cell_complete(cfg, c, manifest)]
         if unfinished:
@@ -339,7 +340,7 @@ def _register(cfg: Config, cells: list[Cell]) -> None:
     print(f"sweep: {len(cells)} cells: {', '.join(c.name for c in cells)}", flush=True)
 
 
-def _run_cells(cfg: Config, cells: list[Cell], splits: dict, shard: tuple[int, int] | None) -> None:
+def _run_cells(cfg: Config, cells: list[Cell], splits: dict, shards: list[tuple[int, int]] | None) -> None:
     from pcl_hpc.engine.harness import is_complete
 
     missing = [str(_encoder_files(cfg)[c.encoder]) for c in cells
@@ -347,11 +348,13 @@ def _run_cells(cfg: Config, cells: list[Cell], splits: dict, shard: tuple[int, i
     if missing:
         raise UserError(f"sweep: the encoders {sorted(set(missing))} do not exist yet; pretrain them first "
                         f"(`pcl-hpc sweep` does, or the steps pretrain-<method>)")
-    todo = [c for c in shard_cells(cells, shard) if not is_complete(cell_stage(cfg, c, splits[c]))]
+    mine = {c for shard in shards for c in shard_cells(cells, shard)} if shards else set(cells)
+    todo = [c for c in cells if c in mine and not is_complete(cell_stage(cfg, c, splits[c]))]
     start = time.time()
     if todo:
         _run_pending(cfg, [(c, splits[c]) for c in todo], _state(cfg).get("run_id"))
-    print(f"sweep: {len(todo)} cell(s) of task {shard} run now{_rate(len(todo), start)}", flush=True)
+    tasks = ",".join(f"{i}/{k}" for i, k in shards) if shards else "all"
+    print(f"sweep: {len(todo)} cell(s) of task {tasks} run now{_rate(len(todo), start)}", flush=True)
 
 
 def _rate(count: int, start: float) -> str:

@@ -273,8 +273,12 @@ def test_slurm_chain_and_local_runner_run_the_same_plan(launcher, demo_store, tm
         assert [s.name for s in submitted] == expected_names
         assert [len(s.tasks) for s in submitted] == expected_tasks
         sweep.sweep(cfg)
-        assert [argv for argv, _ in ran] == [t.argv for s in submitted for t in s.tasks], "the same commands"
-        assert [p for _, p in ran] == [2 if s.kind == "stage" else 1 for s in submitted for _ in s.tasks]
+        # the same commands; the cells array runs as one process here (its tasks' shards joined: one pool)
+        assert [argv for argv, _ in ran] == [a for s in submitted for a in s.commands()]
+        assert [p for _, p in ran] == [2 if s.kind == "stage" else 1 for s in submitted for _ in s.commands()]
+        cells = next(s for s in submitted if s.name == "cells")
+        shards = ",".join(t.shard for t in cells.tasks)
+        assert cells.commands() == [["sweep", "--step", "cells", "--shard", shards, *cells.tasks[0].argv[5:]]]
         return submitted
 
     monkeypatch.setattr(plan_module, "_run_process", record)
