@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import os
 import sys
 
 from pcl_hpc.errors import UserError
@@ -18,6 +20,7 @@ COMMANDS = {
                "each scan's own grid",
     "export": "export a fine-tuned model to TorchScript or ONNX, its preprocessing spec beside it",
 }
+TEMPFAIL = 75  # EX_TEMPFAIL: start the same command again (after a preemption signal, or once there is disk space)
 MODEL_HELP = "fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>"
 
 
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("pretrain", "finetune"):
             cmd.add_argument("--no-resume", action="store_true",
                              help="start fresh even if <output_dir>/checkpoints/latest exists")
+        if name == "pretrain":
+            cmd.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                             help="start N processes on this machine (as torchrun --standalone does); a bad input is "
+                             "reported once, without a traceback")
         if name == "preprocess":
             cmd.add_argument("--workers", type=int, default=1, help="volumes converted in parallel")
             cmd.add_argument("--shard", metavar="I/K", help="an array task: convert every K-th source from the I-th; "
@@ -163,13 +170,35 @@ def run(args: argparse.Namespace) -> None:
         evaluate_model(cfg, args.model)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line for each worker: ``--nproc-per-node N`` (or ``=N``) left out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc_per_node", 1) > 1 and "RANK" not in os.environ:
+        from pcl_hpc.dist import run_workers
+
+        return run_workers(args.nproc_per_node, _without_nproc(argv))
+    faulthandler.enable(all_threads=True)  # a crash in native code (SIGSEGV, SIGABRT) shows every thread's Python stack
     try:
         run(args)
     except UserError as err:
-        print(f"pcl-hpc {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        from pcl_hpc.atomic import DiskFull
+        from pcl_hpc.dist import report_error
+
+        report_error(f"pcl-hpc {args.command}: error: {err}")  # once, by rank 0, when several processes fail alike
+        return TEMPFAIL if isinstance(err, DiskFull) else 2  # a full disk: nothing lost, run it again with space
     return 0
 
 

@@ -183,7 +183,7 @@ class EngineConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = bounded(0, ge=0)  # save every this many optimizer steps (0 = only at the end and when preempted)
-    keep: int = bounded(3, ge=1)  # keep the last K checkpoints
+    keep: int = bounded(3, ge=2)  # keep the last K checkpoints (>= 2: a corrupt newest one falls back to an older one)
     resume: bool = True  # resume from <output_dir>/checkpoints/latest when it exists (--no-resume: start fresh)
     path: str = ""  # resume from this checkpoint folder instead of latest
 
@@ -205,7 +205,7 @@ class SlurmConfig:
     constraint: str = ""  # node features, e.g. "a100" or "a100&ib"
     exclusive: bool = False  # whole nodes only
     signal_delay_s: int = bounded(90, ge=10, le=65535)  # SLURM sends SIGUSR1 this long before the time limit (up to 30 s earlier): every rank saves at the next step and the job is requeued
-    max_requeues: int = bounded(3, ge=0)  # interruptions (time limit, preemption, requeue, signal) survived by requeueing; past it the job stops with its checkpoint kept
+    max_requeues: int = bounded(3, ge=0)  # interruptions in a row (time limit, preemption, requeue, signal, a lost rank) that saved no new checkpoint step (a crash loop) survived by requeueing; past it the job stops with its checkpoint kept. One that saved a new step always requeues (up to 1000 in all), so a job runs for weeks; a command job (preprocess, cells, predict, register, report: no step of its own) is requeued at most 10 x this in all
     setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start, e.g. ["module load cuda/12.4", "source venv/bin/activate"]
     array_parallelism: int = bounded(0, ge=0)  # array tasks (sweep cells, preprocess and predict shards) running at once (%K); 0 = no limit
     cells_per_task: int = bounded(1, ge=1)  # sweep cells packed into one array task; at least gpus_per_node (else sweep.workers), the cells a task runs side by side

@@ -8,8 +8,12 @@ SLURM job live here too.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -169,3 +173,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_REPORTS = "PCL_HPC_REPORTS_ERRORS"  # set by run_workers: it prints the workers' error lines itself
+
+
+def report_error(line: str) -> None:
+    """A worker's one-line error, said once when N ranks fail alike: under :func:`run_workers` every rank leaves
+    it in its error file (torchrun's ``TORCHELASTIC_ERROR_FILE``) and the launcher prints one; under plain
+    torchrun rank 0 prints it and the other ranks leave theirs in the file (torchrun's summary shows it)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or (detect().is_main and not os.environ.get(_REPORTS)):
+        print(line, file=sys.stderr, flush=True)
+        return
+    with open(path, "w") as handle:
+        json.dump({"message": line, "timestamp": int(time.time())}, handle)
+
+
+def run_workers(nproc: int, argv: list[str]) -> int:
+    """``python -m pcl_hpc <argv>`` in ``nproc`` local processes, through torch.distributed's launcher API (what
+    ``torchrun --standalone`` does), without torchrun's traceback: returns 0, 75 when the ranks stopped after
+    saving on a signal (run it again to resume), else the failing rank's status, having printed its line once."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its lines repeat the ranks' own
+    os.environ[_REPORTS] = "1"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"pcl-hpc-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "pcl_hpc", *argv)
+    except ChildFailedError as err:
+        failures = sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+        said = [f for _, f in failures if f.error_file != "<N/A>" and isinstance(f.message, str)]  # a rank's own line
+        statuses = [f.exitcode for _, f in failures if f.exitcode > 0]  # not the ranks the launcher then stopped
+        if said or 75 not in statuses:  # 75 alone: every rank saved on a signal and said so itself
+            rank, first = failures[0]
+            print(said[0].message if said else f"pcl-hpc: rank {rank} failed ({first.message})", file=sys.stderr,
+                  flush=True)
+        return 75 if 75 in statuses else statuses[0] if statuses else 1
+    except SignalException as err:
+        print(f"stopped by {signal.Signals(err.sigval).name}; run the same command again to resume from the last "
+              "checkpoint", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
+    return 0

@@ -15,8 +15,8 @@ and the loss is the mean of ``loss_a`` over all anchors.
 
 Several ranks: every rank gathers all features (with autograd) and computes only its own N*V
 anchor rows against all W*N*V columns, returning the mean over its anchors. The all_gather
-backward sums (reduce-scatters) the gradients that the other ranks' losses send to this rank's
-features, so a rank's feature gradient is d(sum_r loss_r)/dx = W * dL/dx, where L is the
+backward sums (an all-reduce, of which each rank keeps its block) the gradients that the other
+ranks' losses send to this rank's features, so a rank's feature gradient is d(sum_r loss_r)/dx = W * dL/dx, where L is the
 single-process loss on the concatenated batch. DDP then averages parameter gradients over ranks,
 which divides that W back out: the update equals the single-process one exactly. (The full
 matrix on every rank would give the same gradients at W times the work and quadratic memory; a
@@ -32,10 +32,27 @@ from torch import Tensor
 METHODS = ("pcl", "gcl", "simclr")
 _MAX_DIMS = 8
 
-try:  # the non-deprecated name; the older one only warns and forwards to it
-    from torch.distributed._functional_collectives import all_gather_single_autograd as _all_gather_autograd
-except ImportError:  # pragma: no cover - older torch
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd as _all_gather_autograd
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's block, concatenated along dim 0; the gradient of a rank's block is the sum over ranks of
+    their incoming gradients' rows for it. Both directions are plain synchronous gloo/NCCL collectives
+    (``all_gather`` into a list, ``all_reduce``): the heavily used paths. torch's functional collectives
+    (``all_gather_single_autograd``) corrupted the heap on gloo (see :func:`gather_with_grad`), and
+    ``torch.distributed.nn``'s all_gather has a wrong backward for non-contiguous incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        ctx.group, ctx.rows = group, slice(dist.get_rank(group) * t.shape[0], (dist.get_rank(group) + 1) * t.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: never the caller's tensor
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rows], None
 
 
 def _is_distributed() -> bool:
@@ -78,9 +95,10 @@ def gather_with_grad(t: Tensor, group=None) -> Tensor:
             f"e.g. drop_last=True in the sampler); got {per_rank}"
         )
 
-    # The functional collective's backward is exact on gloo; torch.distributed.nn's all_gather
-    # backward is wrong for non-contiguous incoming gradients, so it is not used here.
-    return _all_gather_autograd(t.contiguous(), 0, group)
+    # Not torch's functional all_gather: on gloo its all_gather_into_tensor path corrupted the heap
+    # ("malloc(): unaligned tcache chunk detected" in a gloo thread, about once per 15,000 gathers;
+    # reproduced by `tools/soak.py --gather --funcol`), also when each gather was waited for.
+    return _AllGather.apply(t.contiguous(), group)
 
 
 def _validate(features, positions, partitions, method, temperature, base_temperature, chunk_size):

@@ -225,3 +225,20 @@ def test_resume_with_another_schedule_length_keeps_the_checkpoint(tiny_pretrain)
     print(f"\nresume with pretrain.max_steps 2 -> 4 -> {line}")
     assert _tree(out) == before, "the refused resume changed the experiment folder (checkpoint, metrics, encoder)"
     assert (out / "pretrain" / "checkpoints" / "latest").exists()
+
+
+def test_bad_value_under_two_processes_is_said_once(tiny_pretrain, tmp_path):
+    """Both ranks fail alike (the resume's checks, after the process group is up; a store that is not there):
+    the user reads one line and exit 2, no traceback from the launcher."""
+    out = tiny_pretrain["out"]
+    before = _tree(out)
+    args = [a if a != "pretrain.max_steps=2" else "pretrain.max_steps=4" for a in tiny_pretrain["args"]]
+    args = [args[0], "--nproc-per-node", "2", *args[1:]]
+    proc = run_cli(args, cwd=tiny_pretrain["root"])
+    line = assert_one_clear_line(proc, "world_size=1", "world_size=2", "--no-resume")
+    print(f"\n2 processes, resume of a 1-process run -> {line}")
+    assert _tree(out) == before
+    missing = tmp_path / "missing.zarr"
+    proc = run_cli(["pretrain", "--nproc-per-node=2", "--config", CONFIG, f"data.store={missing}",
+                    f"output_dir={tmp_path / 'out'}", *TINY_PRETRAIN], cwd=tmp_path)
+    assert_one_clear_line(proc, str(missing))

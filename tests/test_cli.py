@@ -65,3 +65,11 @@ def test_model_command_arguments_is_the_predict_parser_a_launcher_reuses():
     args = parser.parse_args(["--model", "m", "--input", "a.nii.gz", "b", "--output", "o", "--tta", "--batch", "4"])
     assert (args.model, args.input, args.output, args.tta, args.batch) == ("m", ["a.nii.gz", "b"], "o", True, 4)
     assert not hasattr(args, "shard")  # the CLI adds --shard itself; a launcher makes its own shards
+
+
+def test_each_worker_gets_the_command_line_without_nproc_per_node():
+    from pcl_hpc.cli import _without_nproc
+
+    want = ["pretrain", "--config", "c.yaml", "pretrain.lr=0.1"]
+    assert _without_nproc(["pretrain", "--nproc-per-node", "2", "--config", "c.yaml", "pretrain.lr=0.1"]) == want
+    assert _without_nproc(["pretrain", "--config", "c.yaml", "--nproc-per-node=4", "pretrain.lr=0.1"]) == want

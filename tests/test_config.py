@@ -93,7 +93,7 @@ BAD_OVERRIDES = [
     ("finetune.train_volumes=dk01", "'dk01'", "list of strings"),
     ("pretrain.volumes=[a, [b]]", "['a', ['b']]", "list of strings"),
     ("tracking.run_name=null", "None", "string"),
-    ("checkpoint.keep=0", "0", ">= 1"),
+    ("checkpoint.keep=1", "1", ">= 2"),
     ("engine.timeout_s=0", "0", ">= 1"),
     ("data.num_workers=-1", "-1", ">= 0"),
     ("seed=-1", "-1", ">= 0"),

@@ -200,19 +200,102 @@ def test_slurm_tests_fail_in_ci_without_slurm(tmp_path):
     assert "skipped" not in ci.stdout.splitlines()[-1], ci.stdout[-2000:]
 
 
-def test_checkpoint_only_returns_the_resubmission(launcher, monkeypatch):
+def save_checkpoint_at(folder, step):
+    """What the requeue bookkeeping reads of a stage's checkpoints: `latest` naming a step_* folder."""
+    ckpt = folder / "checkpoints" / f"step_{step:09d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoints" / "latest").write_text(ckpt.name)
+
+
+def test_checkpoint_only_returns_the_resubmission(launcher, monkeypatch, tmp_path):
     """submitit calls checkpoint() inside its SIGUSR1 handler (outside the training loop): it returns the job
-    itself to requeue, saves and sends nothing; past slurm.max_requeues it returns None (not requeued)."""
+    itself to requeue, saves and sends nothing, while the interruptions save new steps; past slurm.max_requeues
+    interruptions in a row without one it raises JobStopped with the one line (not requeued)."""
     import submitit
 
+    stage = tmp_path / "pretrain"
     job = launcher.StageJob("pretrain", ["pretrain", "--config", "configs/demo.yaml", "pretrain.max_steps=2"],
-                            "outputs/run/pretrain", max_requeues=2,
+                            str(stage), max_requeues=1,
                             continue_command="python launchers/slurm.py pretrain --config configs/demo.yaml")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    again = job.checkpoint()
-    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is job
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert job.checkpoint() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    launcher.Interruptions.started(stage, "42", launcher.checkpoint_step(stage))  # the job starts: no checkpoint
+    for step in (10, 20, 20, 30, 30):  # progress, progress, none (1 <= max_requeues), progress, none
+        save_checkpoint_at(stage, step)
+        again = job.checkpoint()
+        assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is job
+    with pytest.raises(launcher.JobStopped) as stopped:  # a second interruption in a row at step 30
+        job.checkpoint()
+    assert str(stopped.value) == (
+        f"job 42 stopped after 2 interruption(s) without a new checkpoint (slurm.max_requeues=1); checkpoint "
+        f"{stage / 'checkpoints' / 'step_000000030'}; continue with: python launchers/slurm.py pretrain --config "
+        f"configs/demo.yaml")
+    assert json.loads((stage / "requeues.json").read_text()) == {
+        "job": "42", "start_step": 0, "last_step": 30, "total": 6, "no_progress": 2}
+
+
+def test_interruptions_count_those_without_a_new_step_in_a_row(launcher, tmp_path):
+    """The progress bookkeeping of a training stage (<stage folder>/requeues.json): an interruption whose latest
+    checkpoint step is the one of the previous interruption (or of the job's start) counts as no progress; one
+    with another step (a new checkpoint; or a lower one, after --no-resume set the old ones aside) resets the
+    count; another job id starts a new record."""
+    book, folder = launcher.Interruptions, tmp_path / "stage"
+    assert launcher.checkpoint_step(folder) == 0
+    save_checkpoint_at(folder, 100)
+    assert launcher.checkpoint_step(folder) == 100
+    start = book.started(folder, "7", launcher.checkpoint_step(folder))  # continued from step 100
+    assert (start.start_step, start.last_step, start.total, start.no_progress) == (100, 100, 0, 0)
+    assert book.started(folder, "7", 500) == start, "a restarted run keeps the job's record"
+    seen = [(r.total, r.no_progress, r.last_step) for r in (book.note(folder, "7", s) for s in
+                                                              (100, 100, 150, 150, 150, 40, 151))]
+    assert seen == [(1, 1, 100), (2, 2, 100), (3, 0, 150), (4, 1, 150), (5, 2, 150), (6, 0, 40), (7, 0, 151)]
+    assert book.load(folder, "7").total == 7 and book.load(folder, "8") is None
+    other = book.note(folder, "8", 151)  # a job whose start was not noted compares with step 0
+    assert (other.start_step, other.total, other.no_progress, other.last_step) == (0, 1, 0, 151)
+    assert book.load(folder, "7") is None, "one job's record per stage folder"
+
+    job = launcher.StageJob("pretrain", ["pretrain"], str(folder), max_requeues=0)
+    save_checkpoint_at(folder, 151)
+    assert job.note_interruption("8") == ("", "job 8 stopped after 1 interruption(s) without a new checkpoint "
+                                              "(slurm.max_requeues=0)")
+    save_checkpoint_at(folder, 160)
+    assert job.note_interruption("8") == ("restart 3; new checkpoint at step 160", ""), "max_requeues=0: progress"
+    job.max_requeues = 2
+    assert job.note_interruption("8") == ("restart 4; 1 interruption(s) in a row without a new checkpoint, "
+                                          "at most 2", "")
+
+
+def test_requeue_bounds_of_command_jobs_and_the_safety_total(launcher, monkeypatch, tmp_path):
+    """A command job (no checkpoint step): a plain total of COMMAND_REQUEUES x max_requeues requeues, counted by
+    SLURM (SLURM_RESTART_COUNT). A training stage that keeps saving new steps stops at MAX_INTERRUPTIONS in all;
+    submitit's own timeout count is only that safety total (it no longer caps a progressing job)."""
+    import submitit
+
+    job = launcher.CommandJob("report", ["sweep", "--step", "report"], max_requeues=1, continue_command="again")
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(launcher.COMMAND_REQUEUES - 1))
+    assert job.note_interruption("9") == (f"restart 10 of at most {launcher.COMMAND_REQUEUES}", "")
+    assert isinstance(job.checkpoint(), submitit.helpers.DelayedSubmission)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(launcher.COMMAND_REQUEUES))
+    with pytest.raises(launcher.JobStopped, match=r"^job 9 stopped after 10 requeue\(s\) \(a command job is requeued "
+                       r"at most 10 x slurm.max_requeues=1 times\); continue with: again$"):
+        job.checkpoint()
+    assert job.stopped.startswith("job 9 stopped after 10 requeue(s)")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    zero = launcher.CommandJob("report", ["sweep"], max_requeues=0)
+    assert zero.note_interruption("9") == ("", "job 9 stopped after 0 requeue(s) (a command job is requeued at "
+                                               "most 10 x slurm.max_requeues=0 times)")
+
+    stage = launcher.StageJob("pretrain", ["pretrain"], str(tmp_path), max_requeues=3)
+    launcher.Interruptions("5", total=launcher.MAX_INTERRUPTIONS - 1, last_step=10).save(tmp_path)
+    save_checkpoint_at(tmp_path, 20)
+    assert stage.note_interruption("5")[0].startswith(f"restart {launcher.MAX_INTERRUPTIONS}; new checkpoint")
+    save_checkpoint_at(tmp_path, 30)
+    assert stage.note_interruption("5") == ("", f"job 5 stopped after {launcher.MAX_INTERRUPTIONS + 1} "
+                                                f"interruptions (at most {launcher.MAX_INTERRUPTIONS} in all)")
+    s = load_config(None, ["slurm.max_requeues=2"]).slurm
+    assert launcher.make_executor("slurm", tmp_path / "logs", s, "job").max_num_timeout == launcher.MAX_INTERRUPTIONS
 
 
 @pytest.mark.gpu

@@ -9,8 +9,10 @@ MinJobAge = 300 s) and its runs from `sacct -D`.
 What they check: a job interrupted by its time limit (the SIGUSR1 that SLURM sends signal_delay_s
 before it), by `scontrol requeue`, by a SIGUSR1 on one rank comes back by itself, as one job, and ends
 bit-identical to the same run straight under torchrun, in one MLflow run with each step once; a
-cancelled job stays cancelled; past slurm.max_requeues the job stops with one line whose command
-continues it; bad cluster settings fail before anything is queued.
+cancelled job stays cancelled; a job under its time limit is requeued as long as it saves new steps
+(more than 3 times at the default settings), while a crash loop (a rank that dies in every run before a
+new checkpoint) stops after slurm.max_requeues interruptions in a row without one, with one line whose
+command continues it; bad cluster settings fail before anything is queued.
 """
 
 import json
@@ -226,7 +228,7 @@ def test_slurm_preempted_job_is_requeued_and_resumes(demo_store, tmp_path):
     assert logged_steps(tmp_path) == [1, 2, 3, 4], "each step logged exactly once across the requeue"
     log0 = task_logs(tmp_path, job_id, 0)
     assert f"exit status {REQUEUE_EXIT_CODE}: requeue" in log0 and "resuming from" in log0, log0[-3000:]
-    assert f"requeued job {job_id} (restart 1 of at most" in log0, log0[-3000:]
+    assert f"requeued job {job_id} (restart 1; new checkpoint at step 2)" in log0, log0[-3000:]
     assert "on 2 process(es)" in log0, "the requeued run finished as one 2-process group"
     job = slurm_job(job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", job
@@ -235,7 +237,9 @@ def test_slurm_preempted_job_is_requeued_and_resumes(demo_store, tmp_path):
 
 def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
     # 4000 steps take ~135 s at ~30 steps/s: more than a 2-minute time limit, whose SIGUSR1 comes 60-90 s
-    # before the end. Each run saves at the step after the signal and requeues; the job ends by itself.
+    # before the end. Each run saves at the step after the signal and requeues; the job ends by itself, at
+    # the default slurm.max_requeues (3): every interruption saved a new step, so none counts towards it,
+    # however many it takes (~2 on an idle machine, 9 or more on a busy one).
     steps = 4000
     extra = {"pretrain.max_steps": steps, "pretrain.log_every": 1}
     reference = straight_run(demo_store, tmp_path / "straight", **extra)
@@ -243,7 +247,7 @@ def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
     out.mkdir()
     start = time.monotonic()
     job_id, log, _ = launch(demo_store, out, timeout=1200, **extra, **{
-        "slurm.time": 2, "slurm.signal_delay_s": 60, "slurm.max_requeues": 20})
+        "slurm.time": 2, "slurm.signal_delay_s": 60})
     wall = time.monotonic() - start
     job = slurm_job(job_id)
     runs = sacct_runs(job_id)
@@ -255,6 +259,8 @@ def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
     assert "after SIGUSR1" in log0 and "Job not requeued" not in log0 + err0, log0[-3000:]
     requeues = log0.count(f"requeued job {job_id} (restart") + log0.count(f"job {job_id} lost a rank")
     assert requeues == int(job["Restarts"]), "one requeue per interruption"
+    noted = json.loads((out / "pretrain" / "requeues.json").read_text())
+    assert noted["job"] == job_id and noted["total"] == int(job["Restarts"]) and noted["no_progress"] <= 3, noted
     assert_same_weights(out / "pretrain" / "encoder.pt", reference)
     assert_each_step_once(out, steps)
 
@@ -318,24 +324,37 @@ def test_cancelled_job_stays_cancelled(demo_store, tmp_path):
     assert "is ending (CANCELLED): not requeued" in task_logs(tmp_path, job_id, 0)
 
 
-def test_max_requeues_stops_with_one_line_that_continues(demo_store, tmp_path):
-    # slurm.max_requeues=0: the SIGUSR1 after step 1 saves step 2 and the job stops, not requeued, with one
-    # line: its state, the checkpoint, the command that continues it. That command finishes the run.
-    job_id, log, proc = launch(demo_store, tmp_path, "--time", "10", "--max-requeues", "0",
-                               env={"PCL_HPC_FAULT": "signal:1:1"}, expect_rc=REQUEUE_EXIT_CODE,
-                               **{"pretrain.max_steps": 4, "checkpoint.every_steps": 0})
+def test_crash_loop_stops_after_max_requeues_with_one_line_that_continues(demo_store, tmp_path):
+    # rank 1 exits hard after step 3 in every run (the fault fires in a job's first run only: the job's setup
+    # line hides SLURM's restart count from it). Run 1 saved step 2 first: progress, requeued. Runs 2 and 3
+    # resume from step 2 and die again before step 4's checkpoint: no new step. With --max-requeues 1 the
+    # second of those stops the job (not requeued forever) with one line: its state, the checkpoint, the
+    # command that continues it. That command (without the fault) finishes the run.
+    job_id, log, proc = launch(demo_store, tmp_path, "--time", "10", "--max-requeues", "1",
+                               env={"PCL_HPC_FAULT": "kill:3:1"}, expect_rc=REQUEUE_EXIT_CODE, timeout=360,
+                               **{"pretrain.max_steps": 6, "checkpoint.every_steps": 2,
+                                  "slurm.setup": "[export SLURM_RESTART_COUNT=0]"})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     line = lines[0]
-    assert f"job {job_id} ended FAILED" in line and "stopped after 0 requeue(s) (slurm.max_requeues=0)" in line, line
-    assert "checkpoints/step_000000002 (step 2)" in line and "logs:" in line, line
+    assert line.startswith(f"launchers/slurm.py: job {job_id} ended FAILED after 2 restart(s): job {job_id} "
+                           f"stopped after 2 interruption(s) without a new checkpoint (slurm.max_requeues=1); "
+                           f"checkpoint "), line
+    assert "checkpoints/step_000000002 (step 2); continue with: " in line and "; logs: " in line, line
     job = slurm_job(job_id)
-    assert job["Restarts"] == "0" and job["JobState"] == "FAILED", job
+    assert job["Restarts"] == "2" and job["JobState"] == "FAILED", job
+    log0 = task_logs(tmp_path, job_id, 0)
+    assert task_logs(tmp_path, job_id, 1).count("exits hard after step 3") == 3, "the fault fired in every run"
+    assert f"job {job_id} lost a rank" in log0 and "requeued it (restart 1; new checkpoint at step 2)" in log0, log0
+    assert "requeued it (restart 2; 1 interruption(s) in a row without a new checkpoint, at most 1)" in log0, log0
+    assert json.loads((tmp_path / "pretrain" / "requeues.json").read_text()) == {
+        "job": job_id, "start_step": 0, "last_step": 2, "total": 3, "no_progress": 2}
+    assert job_id not in queued()
     command = line.split("continue with: ", 1)[1].split("; logs:", 1)[0]
     again = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=240, cwd=tmp_path,
                            stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert logged_steps(tmp_path) == [1, 2, 3, 4]
+    assert logged_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
     assert "resuming from" in "".join(p.read_text() for p in (tmp_path / "pretrain" / "submitit").glob("*_0_log.out"))
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -246,6 +250,7 @@ def test_outage_backlog_is_sent_after_reconnect(mlflow_server, tmp_path, monkeyp
     tracker = Tracker(cfg, enabled=True)
     run_id = tracker.start("pretrain", {})
     tracker.log_metrics({"loss": 1.0}, step=0)
+    assert tracker.flush()  # the worker sends it: with the real client, before the outage below
 
     real_log_batch = tracker._client.log_batch
 
@@ -255,8 +260,9 @@ def test_outage_backlog_is_sent_after_reconnect(mlflow_server, tmp_path, monkeyp
     monkeypatch.setattr(tracker._client, "log_batch", down)
     with pytest.warns(RuntimeWarning):
         tracker.log_metrics({"loss": 0.9}, step=1)
+        tracker.flush()  # the worker found the outage; the warning comes on this thread
     tracker.log_metrics({"loss": 0.8}, step=2)  # offline: straight to the fallback file
-    assert tracker.offline
+    assert tracker.flush() and tracker.offline
     monkeypatch.setattr(tracker._client, "log_batch", real_log_batch)
     tracker.retry_interval_s = 0.0
     tracker.log_metrics({"loss": 0.7}, step=3)  # reconnects, sends the backlog, then this one
@@ -423,3 +429,152 @@ def test_a_new_kind_of_version_is_a_small_class(mlflow_server, tmp_path):
     assert mv.tags["notes.lines"] == "1" and mv.tags["stage"] == "export"
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
     assert (model_dir / "artifacts" / "notes.txt").read_text() == "hello"
+
+
+# ---------------------------------------------------------------------------------------------
+# the background queue: tracking never stalls the step loop
+
+
+@contextlib.contextmanager
+def _silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: ``http://127.0.0.1:<port>``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])  # kept open, never read, never answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_worker_queue_is_bounded_ordered_and_spills_on_close():
+    """The worker on its own: put never blocks, items arrive in order, close() spills what is left."""
+    from pcl_hpc.tracking.background import Worker
+
+    handled, spilled, gate, threads = [], [], threading.Event(), set()
+
+    def handle(items):
+        threads.add(threading.current_thread().name)
+        gate.wait(5)  # stuck, like a request to a server that does not answer
+        handled.extend(items)
+
+    worker = Worker(handle, spilled.append, maxsize=3)
+    worker.batch = 2
+    started = time.monotonic()
+    accepted = [worker.put(i) for i in range(8)]
+    assert time.monotonic() - started < 0.1
+    assert accepted.count(False) >= 3  # the queue holds 3 (+ what the worker took): the rest is refused at once
+    done, count = worker.close(None, timeout=0.2)
+    assert not done and count == len(spilled)
+    taken = [i for i, ok in zip(range(8), accepted) if ok]
+    assert spilled == taken  # in flight and still queued, in order
+    gate.set()
+    worker.thread.join(timeout=5)
+    assert not worker.thread.is_alive()  # the stuck thread ends once its call returns
+    assert threads == {"pcl-tracking"}
+
+    order = []
+    worker = Worker(order.extend, spilled.append, maxsize=1000)
+    for i in range(500):
+        assert worker.put(i)
+    assert worker.call(lambda: len(order), timeout=5).result == 500  # after everything queued
+    assert worker.close(lambda: order.append("end"), timeout=5) == (True, 0)
+    assert order == [*range(500), "end"]
+    assert worker.put(500)  # a later call starts a new worker thread
+    assert worker.close(None, timeout=5) == (True, 0) and order[-1] == 500
+
+
+def test_hanging_server_never_stalls_logging_and_replay_sends_each_step_once(mlflow_server, tmp_path, monkeypatch):
+    """A server that accepts and never answers: each log call returns at once, end() within its bound,
+    nothing is lost: replay_fallback sends every step to a real server exactly once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    steps = 200
+    with _silent_server() as uri:
+        cfg = _cfg(tmp_path, uri)
+        tracker = Tracker(cfg, enabled=True)
+        tracker.system_metrics = False
+        tracker.retry_interval_s = 0.0  # the worker tries again at every call: stuck 1 s each time
+        tracker.queue_size = 50  # smaller than the steps: some calls find it full
+        tracker.drain_timeout_s = 1.0
+        with pytest.warns(RuntimeWarning) as caught:
+            started = time.monotonic()
+            assert tracker.start("pretrain", {"a": 1}) is None  # bounded by the HTTP timeout
+            assert time.monotonic() - started < 15
+            spent = 0.0
+            for step in range(steps):
+                begin = time.perf_counter()
+                tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+                spent += time.perf_counter() - begin
+            tracker.set_tags({"epochs_done": 1})
+            started = time.monotonic()
+            tracker.end()
+            ended_in = time.monotonic() - started
+        assert spent < 0.5, f"{steps} log_metrics calls took {spent:.3f} s"
+        assert ended_in < tracker.drain_timeout_s + 1.0
+        assert any("not keeping up" in str(w.message) for w in caught)  # the full queue warned once
+        assert sum("not keeping up" in str(w.message) for w in caught) == 1
+        tracker._worker.thread.join(timeout=5)  # the stuck worker ends once its request times out
+        assert not tracker._worker.thread.is_alive()
+
+    records = _fallback_records(cfg)
+    assert {r["step"] for r in records if r["kind"] == "metrics"} == set(range(steps))
+    assert {"start", "tags", "end"} <= {r["kind"] for r in records}
+    summary = replay_fallback(Path(cfg.output_dir) / FALLBACK_FILE, mlflow_server)
+    (run_id, result), = summary.items()
+    assert result["created"] and result["metrics_sent"] == 2 * steps
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["epochs_done"] == "1"
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / (s + 1)) for s in range(steps)]
+    assert len(client.get_metric_history(run_id, "lr")) == steps
+
+
+def test_metrics_go_through_the_worker_in_order_each_step_once(mlflow_server, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    tracker = Tracker(cfg, enabled=True)
+    tracker.system_metrics = False
+    run_id = tracker.start("pretrain", {"a": 1})
+    callers: set[str] = set()
+    real_log_batch = tracker._client.log_batch
+
+    def log_batch(*args, **kwargs):  # the real call, noting the thread that makes it
+        callers.add(threading.current_thread().name)
+        return real_log_batch(*args, **kwargs)
+
+    tracker._client.log_batch = log_batch
+    steps = 300
+    for step in range(steps):
+        tracker.log_metrics({"loss": float(step), "acc": step / steps}, step=step)
+        if step == 100:
+            tracker.log_metrics({"loss": -1.0}, step=50)  # an earlier step again: skipped
+    tracker.set_tags({"epochs_done": 3})
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    tracker.log_artifact(note)
+    assert tracker.flush()
+    tracker.end()
+    assert callers == {"pcl-tracking"}  # every MLflow call after start() on the worker thread
+    client = MlflowClient(mlflow_server)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(s, float(s)) for s in range(steps)]
+    assert len(client.get_metric_history(run_id, "acc")) == steps
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["epochs_done"] == "3"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["note.txt"]
+    assert _fallback_records(cfg) == []

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pytest
@@ -164,11 +167,7 @@ def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_pa
     client = MlflowClient(uri)
 
     # next to the pretrain, a Tracker in this process: deterministic proof that the backlog is sent
-    cfg = load_config(None, [f"output_dir={tmp_path / 'tracker'}", f"tracking.uri={uri}",
-                             f"tracking.experiment={_unique('restart')}"])
-    tracker = Tracker(cfg, enabled=True)
-    tracker.system_metrics = False
-    tracker.retry_interval_s = 0.2
+    tracker = _quiet_tracker(tmp_path / "tracker", uri, "restart", retry_s=0.2)
     tracker_run = tracker.start("pretrain", {"a": 1})
     tracker.log_metrics({"loss": 1.0}, step=1)
 
@@ -187,6 +186,7 @@ def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_pa
         assert proc.poll() is None, "the pretrain must still be running when the server dies"
         with pytest.warns(RuntimeWarning, match="Training continues"):
             tracker.log_metrics({"loss": 0.9}, step=2)
+            tracker.flush()  # the worker thread found the outage; the warning comes on this thread
         tracker.log_metrics({"loss": 0.8}, step=3)
         assert tracker.offline
         time.sleep(2)
@@ -210,7 +210,7 @@ def test_server_killed_mid_run_training_continues(demo_store, own_server, tmp_pa
     # the in-process Tracker: everything arrived after the restart, each step once
     assert [m.step for m in client.get_metric_history(tracker_run, "loss")] == list(range(1, step + 1))
     assert client.get_run(tracker_run).info.status == "FINISHED"
-    assert "flushed" in [r["kind"] for r in read_fallback(Path(cfg.output_dir) / FALLBACK_FILE)]
+    assert "flushed" in [r["kind"] for r in read_fallback(tracker.fallback_path)]
 
     # the pretrain: finished normally, its encoder saved
     output = log_path.read_text()
@@ -292,3 +292,117 @@ def test_resume_after_kill_continues_the_same_run(mlflow_server, tmp_path):
     assert sorted(m.step for m in history) == list(range(1, last + 3)), "no step logged twice"
     assert all(m.value == logged[m.step] for m in history if m.step <= last), "logged steps kept their values"
     assert len(experiment_runs(client, cfg.tracking.experiment)) == 1
+
+
+
+def _quiet_tracker(out, uri: str, experiment: str, retry_s: float) -> Tracker:
+    """A Tracker of this process on ``uri``: no system metrics, a short retry interval."""
+    cfg = load_config(None, [f"output_dir={out}", f"tracking.uri={uri}", f"tracking.experiment={_unique(experiment)}"])
+    tracker = Tracker(cfg, enabled=True)
+    tracker.system_metrics = False
+    tracker.retry_interval_s = retry_s
+    return tracker
+
+
+def _shut(socks) -> None:
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+class _HangingProxy:
+    """A TCP proxy on 127.0.0.1 to a real server; after ``hang()`` (until ``recover()``) it accepts
+    connections and never answers (the connections it was forwarding are dropped)."""
+
+    def __init__(self, target_uri: str):
+        target = urlparse(target_uri)
+        self.target = (target.hostname, target.port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.hanging = threading.Event()
+        self.held: list[socket.socket] = []
+        self.piped: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self.server.accept()[0]
+            except OSError:
+                return
+            if self.hanging.is_set():
+                self.held.append(conn)  # never read, never answered
+                continue
+            upstream = socket.create_connection(self.target)
+            self.piped += [conn, upstream]
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut((src, dst))
+
+    def hang(self) -> None:
+        self.hanging.set()
+        _shut(self.piped)  # kept-alive connections would still answer
+
+    def recover(self) -> None:
+        self.hanging.clear()
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.held + self.piped:
+            sock.close()
+
+
+def test_server_that_stops_answering_mid_run_never_stalls_steps_and_backlog_arrives_once(mlflow_server, tmp_path, monkeypatch):
+    """The issue's case: the server accepts connections but never answers, in the middle of a run.
+    Each log call returns at once; once the server answers again the Tracker reconnects and sends its
+    backlog: every step exactly once, in the same run, no replay needed."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    proxy = _HangingProxy(mlflow_server)
+    try:
+        tracker = _quiet_tracker(tmp_path / "out", proxy.uri, "hang", retry_s=0.3)
+        run_id = tracker.start("pretrain", {"a": 1})
+        assert run_id
+        step = 0
+        for step in range(5):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert tracker.flush()
+
+        proxy.hang()
+        spent = 0.0
+        with pytest.warns(RuntimeWarning, match="Training continues"):
+            for step in range(5, 205):
+                begin = time.perf_counter()
+                tracker.log_metrics({"loss": float(step)}, step=step)
+                spent += time.perf_counter() - begin
+            _poll(lambda: tracker.offline, 20, "the worker to find the outage", interval_s=0.1)
+            tracker.flush(timeout=5)  # the warning comes on this thread
+        assert spent < 0.5, f"200 log_metrics calls took {spent:.3f} s while the server hung"
+
+        proxy.recover()
+
+        def back() -> bool:
+            nonlocal step
+            step += 1
+            tracker.log_metrics({"loss": float(step)}, step=step)
+            return not tracker.offline
+
+        _poll(back, 30, "the tracker to reconnect", interval_s=0.2)
+        tracker.end()
+    finally:
+        proxy.close()
+
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(step + 1)], "each step once"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "flushed" in [r["kind"] for r in read_fallback(Path(cfg.output_dir) / FALLBACK_FILE)]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pcl_hpc import dist
-from pcl_hpc.atomic import write_text
+from pcl_hpc.atomic import is_disk_full, write_text
 from pcl_hpc.config import Config, flatten, save_config, to_dict
 from pcl_hpc.data.dataset import ResumableDistributedSampler, slice_loader
 from pcl_hpc.data.store import read_manifest
@@ -219,12 +219,15 @@ class Harness:
             self.tracker.log_artifact(self.folder / "config.yaml")
 
     def _resume(self) -> None:
-        """Load `latest` (or checkpoint.path): strategy, RNGs, sampler position, train state."""
+        """Load the newest usable checkpoint (or checkpoint.path): strategy, RNGs, sampler position, train state.
+
+        Corrupt checkpoints (digest mismatch, unreadable) are moved aside and named in one line; see
+        :meth:`Checkpointer.resume`."""
         ckpt, s, name = self.checkpointer, self.stage.section, self.stage.name
-        folder = ckpt.find(self.cfg.checkpoint.path, self.cfg.checkpoint.resume)
-        if folder is None:
+        restored = ckpt.resume(self.cfg.checkpoint.path, self.cfg.checkpoint.resume)
+        if restored is None:
             return
-        meta, ranks = ckpt.load(folder)
+        folder, meta, ranks = restored
         saved = TrainState(**meta["train"])
         if saved.schedule_steps != self.state.schedule_steps:
             given = f"{name}.schedule_steps={s.schedule_steps}" if s.schedule_steps else \
@@ -246,13 +249,29 @@ class Harness:
         self.checkpointer.save(self.state.step, {"train": self.state.state_dict(), "config": to_dict(self.cfg)},
                                {"rng": rng_state(None), "sampler": self.sampler.state_dict(consumed)})
 
+    def _append_metrics(self, line: str) -> None:
+        """One line of metrics.jsonl; on a full disk the line is dropped whole (the file cut back to its last
+        complete line, the tracker still gets it) with one warning, and training goes on to its next checkpoint."""
+        path = self.folder / METRICS_FILE
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with path.open("a") as f:
+                f.write(line)
+        except OSError as err:
+            if not is_disk_full(err, path):
+                raise
+            os.truncate(path, size)
+            if not getattr(self, "_warned_full", False):
+                self._warned_full = True
+                print(f"warning: no space left for {path}; its lines are skipped while the disk is full",
+                      flush=True)
+
     def log(self, metrics: dict, echo: bool) -> None:
         """Rank 0: one JSON line, the tracker, and (when echo) a progress line."""
         if not self.env.is_main:
             return
         step = self.state.step
-        with (self.folder / METRICS_FILE).open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._append_metrics(json.dumps({"step": step, **metrics}) + "\n")
         self.tracker.log_metrics(metrics, step)
         if echo:
             extra = "".join(f" {k} {v:.3f}" for k, v in metrics.items() if k.startswith("val_"))

@@ -37,9 +37,11 @@ boundary, see pcl_hpc/engine/loop.py StepGuard, and one requeue; the job resumes
 After the save every rank exits 75 (`Preempted`); rank 0 decides, from `scontrol show job`, who
 requeues: a job still RUNNING (time limit, a signal sent with `scancel --signal`) is requeued by
 rank 0, once; a job that SLURM already requeues (`scontrol requeue`, preemption: its restart count
-went up) or ends (`scancel`: cancelled stays cancelled; a node failure) is not. Past
-`slurm.max_requeues` restarts the job stops with one line: where its checkpoint is and the command
-that continues it. The launcher waits on the job's state (scontrol, then sacct) and its result
+went up) or ends (`scancel`: cancelled stays cancelled; a node failure) is not. A job is requeued as
+long as its interruptions save new checkpoint steps (up to 1000 in all; a command job at most
+10 x `slurm.max_requeues` times); past `slurm.max_requeues` interruptions in a row without a new
+checkpoint (a crash loop, or a disk that stays full) it stops with one line: where its checkpoint is
+and the command that continues it. The launcher waits on the job's state (scontrol, then sacct) and its result
 files; a job that ends without a result gives one line with its state and logs, and exit non-zero.
 """
 

@@ -22,7 +22,7 @@ from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError, p
 from pcl_hpc.engine.loop import REQUEUE_EXIT_CODE  # noqa: E402
 from pcl_hpc.errors import UserError  # noqa: E402
 from pcl_hpc.launch.cluster import ACTIVE_STATES, check_cluster, job_state, mem_mb  # noqa: E402
-from pcl_hpc.launch.jobs import checkpoint_text  # noqa: E402
+from pcl_hpc.launch.jobs import MAX_INTERRUPTIONS, checkpoint_text  # noqa: E402
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
@@ -53,7 +53,9 @@ def make_executor(cluster: str, folder: Path, s, name: str):
         executor.update_parameters(timeout_min=s.time, tasks_per_node=s.tasks_per_node, gpus_per_node=s.gpus_per_node,
                                    signal_delay_s=s.signal_delay_s, setup=list(s.setup))
         return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=s.max_requeues)
+    # submitit counts every timeout its handler requeues: only a safety total here; the job's own bound
+    # (Job.note_interruption: interruptions in a row without a new checkpoint) decides when to stop
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_INTERRUPTIONS)
     executor.update_parameters(**slurm_parameters(s, name))
     return executor
 

@@ -122,13 +122,6 @@ def _log_params_and_tags(client, run_id: str, params: dict[str, str], tags: dict
         client.log_batch(run_id, tags=batch, synchronous=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _short(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
