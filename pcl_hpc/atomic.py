@@ -80,7 +80,7 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
             tmp.unlink()
 
 
-def file_sha256(path: str | Path) -> str:
+def sha256_file(path: str | Path) -> str:
     """The sha256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

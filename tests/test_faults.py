@@ -94,3 +94,19 @@ def test_atomic_writes_on_a_full_disk_are_one_line_and_keep_the_old_file(small_d
     assert (small_disk / "result.json").read_text() == "good"
     assert torch.equal(torch.load(small_disk / "model.pt", weights_only=True)["w"], torch.zeros(4))
     assert sorted(p.name for p in small_disk.iterdir()) == ["model.pt", "result.json"]
+
+
+def test_a_store_volume_that_does_not_fit_leaves_nothing_half_written(small_disk):
+    import numpy as np
+
+    from pcl_hpc.atomic import DiskFull
+    from pcl_hpc.data.store import write_volume
+
+    store = small_disk / "store.zarr"
+    rng = np.random.default_rng(0)
+    small = rng.random((2, 8, 8), dtype=np.float32)
+    write_volume(store, "vol1", small, None, {"positions": [0.5, 1.0], "partitions": [0, 1]})
+    noise = rng.random((40, 256, 256), dtype=np.float32)  # ~10 MB that does not compress: more than the disk
+    with pytest.raises(DiskFull, match=r"no space left on the device writing .*vol2 \(\d+\.\d MB free\)"):
+        write_volume(store, "vol2", noise, None, {"positions": [0.5] * 40, "partitions": [0] * 40})
+    assert sorted(p.name for p in (store / "volumes").iterdir()) == ["vol1", "zarr.json"]

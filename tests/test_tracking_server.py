@@ -405,4 +405,4 @@ def test_server_that_stops_answering_mid_run_never_stalls_steps_and_backlog_arri
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(step + 1)], "each step once"
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert "flushed" in [r["kind"] for r in read_fallback(Path(cfg.output_dir) / FALLBACK_FILE)]
+    assert "flushed" in [r["kind"] for r in read_fallback(tracker.fallback_path)]

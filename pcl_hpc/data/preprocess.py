@@ -34,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pcl_hpc.atomic import DiskFull
 from pcl_hpc.config import DataConfig
 from pcl_hpc.data import layouts
 from pcl_hpc.data import store as zstore
@@ -152,6 +153,8 @@ def _convert(job: layouts.Job, settings: dict[str, Any], settings_sha: str, stor
     except MemoryError:
         results += [("failed", vid, job.image, "out of memory while converting; run with fewer workers", 0)
                     for vid, _ in todo]
+    except DiskFull as err:  # the store's disk: this volume is not in the store, nothing half-written is
+        results += [("failed", vid, job.image, str(err), 0) for vid, _ in todo]
     except Exception as err:  # keep going: one odd file must not cost the other volumes
         reason = f"unexpected {type(err).__name__}: {str(err)[:200]}; please report this file's format"
         results += [("failed", vid, job.image, reason, 0) for vid, _ in todo]

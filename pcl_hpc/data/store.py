@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pcl_hpc.atomic import disk_full, is_disk_full
 from pcl_hpc.errors import UserError
 
 FORMAT = "pcl-hpc-store/1"
@@ -175,21 +176,27 @@ def write_volume(
         digest.update(label.tobytes())
 
     tmp_name = f"{TMP_PREFIX}{vid}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
-    group = root["volumes"].create_group(tmp_name)
-    chunks = (1, *image.shape[1:])
-    arr = group.create_array(
-        "image", shape=image.shape, chunks=chunks, dtype="float32", compressors=codec
-    )
-    arr[...] = image
-    if label is not None:
-        lab = group.create_array(
-            "label", shape=label.shape, chunks=chunks, dtype="uint8", compressors=codec
-        )
-        lab[...] = label
-    group.attrs.update(_jsonable({**attrs, "labeled": label is not None, "content_sha256": digest.hexdigest()}))
-
     vols = _volumes_dir(store_path)
+    try:
+        root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
+        group = root["volumes"].create_group(tmp_name)
+        chunks = (1, *image.shape[1:])
+        arr = group.create_array(
+            "image", shape=image.shape, chunks=chunks, dtype="float32", compressors=codec
+        )
+        arr[...] = image
+        if label is not None:
+            lab = group.create_array(
+                "label", shape=label.shape, chunks=chunks, dtype="uint8", compressors=codec
+            )
+            lab[...] = label
+        group.attrs.update(_jsonable({**attrs, "labeled": label is not None, "content_sha256": digest.hexdigest()}))
+    except Exception as err:
+        full = is_disk_full(err, vols)
+        shutil.rmtree(vols / tmp_name, ignore_errors=True)  # nothing half-written stays in the store
+        if full:
+            raise disk_full(vols / vid) from None
+        raise
     remove_volume(store_path, vid)  # re-conversion of a changed source replaces the old volume
     os.rename(vols / tmp_name, vols / vid)
 

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pcl_hpc import dist
-from pcl_hpc.atomic import DiskFull, file_sha256, save_torch, write_text
+from pcl_hpc.atomic import DiskFull, save_torch, sha256_file, write_text
 from pcl_hpc.engine.strategy import Strategy
 from pcl_hpc.errors import UserError
 
@@ -75,7 +75,7 @@ def step_of(folder: Path) -> int | None:
 
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size", "sha256"}}`` of every file under ``folder`` but its meta.json."""
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != META_FILE}
 
 
@@ -108,7 +108,7 @@ def verify(folder: Path) -> str | None:
             size = path.stat().st_size
             if size != want.get("size"):
                 return f"{name} has {size} bytes, {want.get('size')} when saved"
-            if file_sha256(path) != want.get("sha256"):
+            if sha256_file(path) != want.get("sha256"):
                 return f"{name} does not match its sha256"
     except OSError as err:
         return _short(err)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pcl_hpc.atomic import file_sha256
+from pcl_hpc.atomic import sha256_file
 from pcl_hpc.errors import UserError
 from pcl_hpc.tracking._common import _short, _tag_str
 from pcl_hpc.tracking.registry import _load_weights, _parse_models_uri, _resolve_version, _use_uri
@@ -281,7 +281,7 @@ def open_segmentation_model(source: str | Path, tracking_uri: str | None = None)
     if not text.startswith("models:/"):
         weights, spec = _local_model(source)
         state = _load_weights(weights, text)
-        return SegmentationModel(state, spec, {"source": "file", "file": weights.name, "sha256": file_sha256(weights)})
+        return SegmentationModel(state, spec, {"source": "file", "file": weights.name, "sha256": sha256_file(weights)})
     import mlflow
 
     _use_uri(tracking_uri)
@@ -303,7 +303,7 @@ def open_segmentation_model(source: str | Path, tracking_uri: str | None = None)
                                 f"{_short(err, 200)}") from None
         spec = read_spec(local[SEG_SPEC_FILE], text)
         state = _load_weights(local[SEG_WEIGHTS_FILE], text)
-        digest = file_sha256(local[SEG_WEIGHTS_FILE])
+        digest = sha256_file(local[SEG_WEIGHTS_FILE])
     lineage = {"source": "registry", "name": name, "version": str(mv.version), "run_id": mv.run_id or "",
                "sha256": digest, "tags": dict(mv.tags or {})}
     return SegmentationModel(state, spec, lineage)

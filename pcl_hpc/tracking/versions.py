@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from pcl_hpc.atomic import file_sha256
+from pcl_hpc.atomic import sha256_file
 from pcl_hpc.tracking._common import _ensure_experiment, _is_data_error, _short, _tag_str
 from pcl_hpc.tracking.tracker import Tracker
 
@@ -200,7 +200,7 @@ def log_version(version: VersionKind, name: str, alias: str, tags: dict | None, 
             artifacts = version.stage(Path(tmp))
             code = Path(tmp) / version.code_file
             code.write_text(version.pyfunc_code)
-            digest = file_sha256(artifacts[version.weights_artifact])
+            digest = sha256_file(artifacts[version.weights_artifact])
             # Create the logged model in the run's experiment: Model.log alone would put it in the
             # fluent "current" experiment (often Default, with artifacts in ./mlruns).
             logged = mlflow.initialize_logged_model(
