@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pcl-hpc demo --config configs/demo.yaml --out outputs/demo
 
 test: $(STAMP)
-	PYTHONUTF8=1 $(PY) -m pytest -q tests
+	PYTHONUTF8=1 $(PY) -m pytest -q --durations=30 tests
 
 test-fast: $(STAMP)  # what a developer runs between edits: no SLURM, no slow end-to-end tests (CI runs everything)
 	PYTHONUTF8=1 $(PY) -m pytest -q -m "not slurm and not slow" tests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import os
 import sys
 
@@ -190,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         from pcl_hpc.dist import run_workers
 
         return run_workers(args.nproc_per_node, _without_nproc(argv))
-    faulthandler.enable(all_threads=True)  # a crash in native code (SIGSEGV, SIGABRT) shows every thread's Python stack
+    try:  # a crash in native code (SIGSEGV, SIGABRT) shows every thread's Python stack
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr is not a file (called in-process)
+        pass
     try:
         run(args)
     except UserError as err:
