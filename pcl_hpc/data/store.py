@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,23 @@ def write_volume(
         group.attrs.update(_jsonable({**attrs, "labeled": label is not None, "content_sha256": digest.hexdigest()}))
     except Exception as err:
         full = is_disk_full(err, vols)
-        shutil.rmtree(vols / tmp_name, ignore_errors=True)  # nothing half-written stays in the store
+        _remove_tree(vols / tmp_name)  # nothing half-written stays in the store
         if full:
             raise disk_full(vols / vid) from None
         raise
     remove_volume(store_path, vid)  # re-conversion of a changed source replaces the old volume
     os.rename(vols / tmp_name, vols / vid)
+
+
+def _remove_tree(folder: Path, settle_s: float = 1.0) -> None:
+    """Remove ``folder`` for good: after a failed write zarr's other chunk writes may still be running on its
+    event loop (the first error is raised while they go on) and recreate folders; remove until it stays gone."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.05)
+        if not folder.exists() or time.monotonic() > deadline:
+            return
 
 
 def patient_id(vid: str) -> str:
