@@ -246,7 +246,7 @@ class Checkpointer:
 
     def _prune(self, keep: str) -> None:
         """Keep the newest ``self.keep`` step folders, the one just saved and the one this run resumed from."""
-        folders = sorted((p for p in self.root.glob("step_*") if p.is_dir() and step_of(p) is not None), key=step_of)
+        folders = self._step_folders()
         for old in folders[:-self.keep]:
             if old.name not in (keep, self.resumed_from):
                 shutil.rmtree(old, ignore_errors=True)
@@ -295,9 +295,11 @@ class Checkpointer:
             latest = None
         if latest is not None and latest.is_dir():
             order.append(latest)
-        steps = sorted((p for p in self.root.glob("step_*") if p.is_dir() and step_of(p) is not None),
-                       key=step_of, reverse=True)
-        return order + [p for p in steps if p not in order]
+        return order + [p for p in reversed(self._step_folders()) if p not in order]
+
+    def _step_folders(self) -> list[Path]:
+        """The ``step_N`` folders, oldest first."""
+        return sorted((p for p in self.root.glob("step_*") if p.is_dir() and step_of(p) is not None), key=step_of)
 
     def resume(self, path: str = "", resume: bool = True,
                generator: torch.Generator | None = None) -> tuple[Path, dict, dict] | None:

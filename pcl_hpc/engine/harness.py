@@ -185,6 +185,7 @@ class Harness:
         self.accum = cfg.engine.grad_accum
         self.global_batch = s.batch_size * self.env.world_size * self.accum
         self.state = TrainState()
+        self._warned_full = False  # metrics.jsonl on a full disk: warned once
 
         dataset = stage.dataset(self)
         self.sampler = ResumableDistributedSampler(len(dataset), self.env.world_size, self.env.rank, seed=cfg.seed)
@@ -261,7 +262,7 @@ class Harness:
             if not is_disk_full(err, path):
                 raise
             os.truncate(path, size)
-            if not getattr(self, "_warned_full", False):
+            if not self._warned_full:
                 self._warned_full = True
                 print(f"warning: no space left for {path}; its lines are skipped while the disk is full",
                       flush=True)
