@@ -199,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except UserError as err:
         from pcl_hpc.atomic import DiskFull
-        from pcl_hpc.dist import report_error
+        from pcl_hpc.dist import detect, report_error
 
-        report_error(f"pcl-hpc {args.command}: error: {err}")  # once, by rank 0, when several processes fail alike
-        return TEMPFAIL if isinstance(err, DiskFull) else 2  # a full disk: nothing lost, run it again with space
+        status = TEMPFAIL if isinstance(err, DiskFull) else 2  # a full disk: nothing lost, run it again with space
+        report_error(f"pcl-hpc {args.command}: error: {err}", status)  # once, when several processes fail alike
+        if detect().distributed:  # a rank of several: leave now, not through gloo's exit-time teardown, which can
+            sys.stdout.flush()    # abort ("terminate called without an active exception") once a peer has gone
+            sys.stderr.flush()
+            os._exit(status)
+        return status
     return 0
 
 

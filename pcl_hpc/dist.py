@@ -178,7 +178,7 @@ def free_port() -> int:
 _REPORTS = "PCL_HPC_REPORTS_ERRORS"  # set by run_workers: it prints the workers' error lines itself
 
 
-def report_error(line: str) -> None:
+def report_error(line: str, status: int = 2) -> None:
     """A worker's one-line error, said once when N ranks fail alike: under :func:`run_workers` every rank leaves
     it in its error file (torchrun's ``TORCHELASTIC_ERROR_FILE``) and the launcher prints one; under plain
     torchrun rank 0 prints it and the other ranks leave theirs in the file (torchrun's summary shows it)."""
@@ -187,7 +187,7 @@ def report_error(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
         return
     with open(path, "w") as handle:
-        json.dump({"message": line, "timestamp": int(time.time())}, handle)
+        json.dump({"message": line, "timestamp": int(time.time()), "status": status}, handle)
 
 
 def run_workers(nproc: int, argv: list[str]) -> int:
@@ -209,7 +209,9 @@ def run_workers(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as err:
         failures = sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
         said = [f for _, f in failures if f.error_file != "<N/A>" and isinstance(f.message, str)]  # a rank's own line
-        statuses = [f.exitcode for _, f in failures if f.exitcode > 0]  # not the ranks the launcher then stopped
+        # the status a rank chose (in its error file: it may be stopped by the launcher before it exits), else its own
+        statuses = [f.error_file_data.get("status", f.exitcode) if f in said else f.exitcode for _, f in failures]
+        statuses = [code for code in statuses if isinstance(code, int) and code > 0]
         if said or 75 not in statuses:  # 75 alone: every rank saved on a signal and said so itself
             rank, first = failures[0]
             print(said[0].message if said else f"pcl-hpc: rank {rank} failed ({first.message})", file=sys.stderr,

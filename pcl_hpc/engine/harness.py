@@ -48,6 +48,7 @@ from pcl_hpc.optim import build_schedule
 from pcl_hpc.tracking import Tracker
 
 METRICS_FILE = "metrics.jsonl"
+TRACKING_FLUSH_S = 5.0  # the longest a checkpoint waits for the tracking queue (a hung server: no longer)
 COMPLETE_FILE = "complete.json"  # written after the export: this folder holds the result of this configuration
 
 
@@ -245,7 +246,9 @@ class Harness:
             _keep_metrics_up_to(self.folder / METRICS_FILE, saved.step)  # steps after it are run again
 
     def save(self) -> None:
-        """A checkpoint of this step, on every rank."""
+        """A checkpoint of this step, on every rank; first the tracker's queue is sent (a bounded wait), so a
+        run killed after this checkpoint has every step up to it in MLflow (or in its fallback file)."""
+        self.tracker.flush(TRACKING_FLUSH_S)
         consumed = self.state.micro % self.per_epoch * self.stage.section.batch_size
         self.checkpointer.save(self.state.step, {"train": self.state.state_dict(), "config": to_dict(self.cfg)},
                                {"rng": rng_state(None), "sampler": self.sampler.state_dict(consumed)})
