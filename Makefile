@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# nnunetv2 pulls timm, and timm a torchvision built for PyPI's CUDA torch: beside the CPU wheel it fails on
+	# import (torchvision::nms), which breaks nnU-Net's trainer lookup. Without it timm and nnU-Net run.
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,7 +22,8 @@ COMMANDS = {
     "export": "export a fine-tuned model to TorchScript or ONNX, its preprocessing spec beside it",
 }
 TEMPFAIL = 75  # EX_TEMPFAIL: start the same command again (after a preemption signal, or once there is disk space)
-MODEL_HELP = "fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>"
+MODEL_HELP = ("fine-tuning folder, model.pt (model_spec.json beside it) or models:/<name>@<alias>; "
+              "export --format nnunet: the pretrained encoder (encoder.pt or models:/<name>@<alias>)")
 
 
 def model_command_arguments(cmd: argparse.ArgumentParser, name: str) -> None:
@@ -32,8 +33,13 @@ def model_command_arguments(cmd: argparse.ArgumentParser, name: str) -> None:
     cmd.add_argument("--model", required=True, help=MODEL_HELP)
     cmd.add_argument("--tracking-uri", default="", help="registry for models:/ sources (default: $MLFLOW_TRACKING_URI)")
     if name == "export":
-        cmd.add_argument("--format", required=True, choices=("torchscript", "onnx"), help="torchscript | onnx")
-        cmd.add_argument("--out", required=True, help="folder for the exported model and its model_spec.json")
+        cmd.add_argument("--format", required=True, choices=("torchscript", "onnx", "nnunet"),
+                         help="torchscript | onnx (a fine-tuned model) | nnunet (a pretrained encoder, as the file "
+                         "nnUNetv2_train -pretrained_weights loads)")
+        cmd.add_argument("--out", required=True, help="folder for the exported model and its model_spec.json "
+                         "(nnunet: the .pt file, or a folder for nnunet_pretrained_weights.pt)")
+        cmd.add_argument("--plans", default="", help="nnunet: nnU-Net's plans file the encoder was pretrained with")
+        cmd.add_argument("--configuration", default="2d", help="nnunet: the plans' configuration (default 2d)")
         return
     cmd.add_argument("--input", required=True, nargs="+",
                      help="scan (.nii.gz/.nii/.nrrd/.mha/.mhd), DICOM series folder, or a folder of them")
@@ -118,6 +124,14 @@ def run(args: argparse.Namespace) -> None:
         if not summary.ok:  # a scan failed: the others were written, the summary names it
             raise SystemExit(1)
         return
+    if args.command == "export" and args.format == "nnunet":
+        from pcl_hpc.nnunet.handoff import export_nnunet
+
+        path = export_nnunet(args.model, args.plans, args.configuration, args.out,
+                             tracking_uri=args.tracking_uri or None)
+        print(f"export: nnU-Net weights {path}; train with nnUNetv2_train <dataset> {args.configuration} <fold> "
+              f"-pretrained_weights {path}", flush=True)
+        return
     if args.command == "export":
         from pcl_hpc.export import export
 
@@ -132,7 +146,12 @@ def run(args: argparse.Namespace) -> None:
         return
     overrides = [*args.overrides, *(["checkpoint.resume=false"] if getattr(args, "no_resume", False) else [])]
     cfg = load_config(args.config, overrides)
-    if args.command == "preprocess":
+    if args.command == "preprocess" and cfg.data.layout == "nnunet" and not (args.shard or args.prepare_shards):
+        from pcl_hpc.nnunet.ingest import ingest
+
+        summary = ingest(cfg)  # nnU-Net's preprocessed cases; its own preprocessor for data.raw_dir
+        print(summary.format())
+    elif args.command == "preprocess":
         from pcl_hpc.data.preprocess import prepare_shards, preprocess
 
         if args.prepare_shards:

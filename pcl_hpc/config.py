@@ -66,7 +66,7 @@ def pair(default: list[float] | None, *, ascending: bool = False, ge: float | No
 @dataclass
 class DataConfig:
     raw_dir: str = ""  # folder of input volumes (read by `preprocess`)
-    layout: str = one_of("generic", "images", "acdc", "chd", "mmwhs", "hvsmr")  # how raw_dir is organised: generic (imagesTr/labelsTr) | images | acdc | chd | mmwhs | hvsmr
+    layout: str = one_of("generic", "images", "acdc", "chd", "mmwhs", "hvsmr", "nnunet")  # how raw_dir is organised: generic (imagesTr/labelsTr) | images | acdc | chd | mmwhs | hvsmr | nnunet (nnU-Net's preprocessed cases of model.plans; raw_dir: optional folder of extra unlabeled images in nnU-Net's raw naming)
     store: str = ""  # the Zarr store written by `preprocess` and read by training
     modality: str = one_of("mri", "ct")  # mri: per-volume percentile clip + z-score; ct: percentile clip to [0, 1]
     clip_percentiles: list[float] = pair([1.0, 99.0], ascending=True, ge=0, le=100)  # [low, high] percentiles, 0 <= low < high <= 100
@@ -88,6 +88,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = one_of("paper", "nnunet")  # paper (the PCL paper's U-Net) | nnunet (nnU-Net's own network, built from model.plans)
+    plans: str = ""  # arch=nnunet: nnU-Net's plans file (nnUNet_preprocessed/<Dataset>/nnUNetPlans.json)
+    configuration: str = "2d"  # arch=nnunet: the plans' configuration (2d; 3d ones are not supported yet)
     width: int = bounded(16, ge=1)  # f: channels of the first U-Net level (paper: 48 for ACDC, 32 for CHD)
     in_channels: int = bounded(1, ge=1)
     projection_dim: int = bounded(512, ge=1)
@@ -120,6 +123,8 @@ class PretrainConfig:
     volumes: list[str] | None = None  # volume ids to pretrain on; None = all in the store
     exclude_volumes: list[str] = field(default_factory=list)  # e.g. the test split
     log_every: int = bounded(10, ge=1)
+    probe_every: int = bounded(0, ge=0)  # every this many steps and at the last, rank 0 runs the position probe (pcl_hpc/probes.py) on probe_volumes and logs probe/position_r2, probe/position_mae; 0 = off
+    probe_volumes: list[str] = field(default_factory=list)  # the position probe's volumes (>= 2; best held out of pretraining); [] = exclude_volumes
 
 
 @dataclass
@@ -137,7 +142,8 @@ class FinetuneConfig:
     lr: float = bounded(5e-4, ge=0)
     weight_decay: float = bounded(1e-5, ge=0)
     augment: bool = True
-    freeze_encoder_epochs: int = bounded(0, ge=0)  # train only the decoder for this many epochs first
+    mode: str = one_of("full", "frozen")  # full: encoder and decoder train | frozen: only the decoder trains; the encoder (BN statistics too) stays bit-identical
+    freeze_encoder_epochs: int = bounded(0, ge=0)  # mode=full: train only the decoder for this many epochs first (BN statistics still adapt)
     log_every: int = bounded(10, ge=1)
 
 
@@ -153,6 +159,9 @@ class SweepConfig:
     val_patients: int = bounded(1, ge=1)  # validation patients per fold, drawn from outside the test fold and the M
     workers: int = bounded(0, ge=0)  # cells run side by side (locally and in each array task); 0 = one per GPU, else cores // 2 (at least 1)
     pretrain_processes: int = bounded(1, ge=1)  # > 1: each method pretrains with this many processes (torchrun, this node)
+    trainer: str = one_of("pcl-hpc", "nnunet")  # who fine-tunes a cell: pcl-hpc (finetune) | nnunet (nnU-Net's stock trainer on model.plans; needs model.arch=nnunet)
+    nnunet_epochs: int = bounded(20, ge=1)  # trainer=nnunet: nnU-Net epochs per cell (its stock 1000 x 250 iterations are days on a CPU)
+    nnunet_iterations: int = bounded(50, ge=1)  # trainer=nnunet: training iterations per epoch
 
 
 @dataclass

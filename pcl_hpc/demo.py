@@ -1,5 +1,9 @@
 """`pcl-hpc demo`: the label-efficiency protocol in miniature, offline, on real brain anatomy.
 
+With ``data.layout: nnunet`` (configs/demo_nnunet.yaml) the same anatomy goes through nnU-Net's planner
+and preprocessor, the methods pretrain the plan's own 2D network and nnU-Net's stock trainer fine-tunes
+every cell (from scratch = ``random``).
+
 demo volumes -> Zarr store -> the sweep (`pcl_hpc.sweep`): PCL, GCL and SimCLR pretrained briefly
 with 2 processes each (torchrun, gloo) and registered in MLflow, then fine-tuned with random init
 beside them at M = 1 and 2 labeled subjects over the folds of ``sweep.folds`` -> results.csv,
@@ -23,11 +27,30 @@ from pcl_hpc.errors import UserError
 DEMO_SPACING_MM = 3.0  # coarse enough that 2 CPU cores finish in minutes, fine enough to see anatomy
 DEMO_VARIANTS = 3  # extra unlabeled, brain-cropped images per subject (see make_demo_data)
 DEMO_CASES = [f"dk{n:02d}" for n in range(1, 7)]
+NNUNET_DATASET_ID = 990  # the nnU-Net variant's dataset: nnUNet_raw/Dataset990_DemoBrain under --out
 
 
 def variant_cases(cfg) -> list[str]:
     """The subjects that get extra unlabeled variants for pretraining: none that pretraining excludes."""
     return [c for c in DEMO_CASES if c not in set(cfg.pretrain.exclude_volumes)]
+
+
+def _nnunet_store(cfg, config_path: str, out_dir: Path, overrides: list[str]):
+    """The nnU-Net variant's data: the demo in nnU-Net's raw layout, planned and preprocessed by nnU-Net (2d),
+    read into the store (its unlabeled images through the plan's preprocessor); returns the config with the plan."""
+    from pcl_hpc.nnunet.ingest import ingest
+    from pcl_hpc.nnunet.plans import require_nnunet
+    from pcl_hpc.nnunet.raw import plan_and_preprocess, write_raw_dataset
+
+    require_nnunet()
+    raw = write_raw_dataset(out_dir / "raw", out_dir / "nnUNet_raw", NNUNET_DATASET_ID, "DemoBrain")
+    print(f"[2/3] nnUNetv2_plan_and_preprocess -d {NNUNET_DATASET_ID} -c 2d -> {out_dir / 'nnUNet_preprocessed'}; "
+          f"its preprocessed cases -> {cfg.data.store}", flush=True)
+    plans = plan_and_preprocess(out_dir / "nnUNet_raw", out_dir / "nnUNet_preprocessed", NNUNET_DATASET_ID)
+    cfg = load_config(config_path, [*overrides, f"model.plans={plans}", f"data.raw_dir={raw / 'imagesTs'}"])
+    summary = ingest(cfg)
+    print(summary.format(), flush=True)
+    return cfg
 
 
 def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
@@ -44,11 +67,14 @@ def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
     print(f"[1/3] demo volumes from real anatomy -> {out_dir / 'raw'}", flush=True)
     make_demo_data(out_dir / "raw", spacing=DEMO_SPACING_MM, seed=cfg.seed, variants=DEMO_VARIANTS,
                    variant_cases=variant_cases(cfg))
-    print(f"[2/3] preprocess -> {cfg.data.store}", flush=True)
-    summary = preprocess(cfg.data, workers=2)
-    print(summary.format(), flush=True)
-    if not summary.ok:
-        raise UserError("demo: preprocessing failed for some volumes (see the summary above)")
+    if cfg.data.layout == "nnunet":
+        cfg = _nnunet_store(cfg, config_path, out_dir, [*overrides, *shared])
+    else:
+        print(f"[2/3] preprocess -> {cfg.data.store}", flush=True)
+        summary = preprocess(cfg.data, workers=2)
+        print(summary.format(), flush=True)
+        if not summary.ok:
+            raise UserError("demo: preprocessing failed for some volumes (see the summary above)")
 
     s = cfg.sweep
     print(f"[3/3] sweep: pretrain {', '.join(s.pretrain)} ({s.pretrain_processes} processes each), then fine-tune "

@@ -158,8 +158,10 @@ def build_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Opt
 
 def build_finetune_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """Fine-tuning's optimizer (``cfg`` a FinetuneConfig): Adam at ``cfg.lr`` with ``cfg.weight_decay``,
-    as the PCL fine-tuning code; its schedule is :func:`build_schedule` (cosine to 0, no warm-up)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    as the PCL fine-tuning code; its schedule is :func:`build_schedule` (cosine to 0, no warm-up). It holds the
+    parameters that require gradients when it is built (finetune.mode=frozen: the decoder only)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:

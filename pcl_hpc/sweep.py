@@ -121,6 +121,9 @@ def plan_cells(cfg: Config, manifest: dict | None) -> list[Cell]:
     s = cfg.sweep
     if any(m < 1 for m in s.labeled) or not s.labeled or not s.seeds:
         raise UserError(f"sweep.labeled={s.labeled} and sweep.seeds={s.seeds}: give at least one M >= 1 and one seed")
+    if s.trainer == "nnunet" and cfg.model.arch != "nnunet":
+        raise UserError("sweep.trainer=nnunet fine-tunes nnU-Net's own network: set model.arch=nnunet and model.plans "
+                        "(the encoders must be pretrained on the plan's network)")
     k = int(manifest["settings"].get("folds", 5)) if manifest is not None else cfg.data.folds
     folds = s.folds if s.folds is not None else list(range(k))
     return [Cell(name, source, m, fold, seed) for name, source in encoders(cfg)
@@ -147,23 +150,37 @@ def cell_stage(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None =
     return Finetune(run_cfg, run_cfg.finetune, folder(cfg) / "cells" / cell.name, tags=tags, register=False)
 
 
+def cell_folder(cfg: Config, cell: Cell) -> Path:
+    return folder(cfg) / "cells" / cell.name
+
+
+def cell_result(cfg: Config, cell: Cell, split: dict) -> dict | None:
+    """A finished cell's result (per-volume Dice and HD95), None while it is not finished."""
+    if cfg.sweep.trainer == "nnunet":
+        from pcl_hpc.nnunet.cell import cell_identity, finished
+
+        return finished(cell_folder(cfg, cell), cell_identity(cfg, split, cell.source, cell.seed))
+    return cell_stage(cfg, cell, split).completed()
+
+
 def is_cell_complete(cfg: Config, cell: Cell, manifest: dict) -> bool:
     """Whether the cell has finished (its encoder must exist to say: a missing one means not yet)."""
-    from pcl_hpc.engine.harness import is_complete
-
     if cell.source and not cell.source.startswith("models:/") and not Path(cell.source).is_file():
         return False
     split = protocol_split(manifest, cell.fold, cell.labeled, cell.seed, cfg.sweep.val_patients)
-    return is_complete(cell_stage(cfg, cell, split))
+    return cell_result(cfg, cell, split) is not None
 
 
 def run_cell(cfg: Config, cell: Cell, split: dict, parent_run_id: str | None) -> dict:
     """One cell, in this process (a worker): fine-tune, or return the result of a finished one."""
     from pcl_hpc.engine.harness import run
 
-    stage = cell_stage(cfg, cell, split, parent_run_id)
-    write_text(stage.folder / SPLIT_FILE, json.dumps({**split, "hash": split_hash(split)}, indent=1) + "\n")
-    return run(stage)
+    write_text(cell_folder(cfg, cell) / SPLIT_FILE, json.dumps({**split, "hash": split_hash(split)}, indent=1) + "\n")
+    if cfg.sweep.trainer == "nnunet":
+        from pcl_hpc.nnunet.cell import protocol_cell
+
+        return protocol_cell(cfg, cell_folder(cfg, cell), split, cell.source, cell.seed)
+    return run(cell_stage(cfg, cell, split, parent_run_id))
 
 
 def _worker_count(cfg: Config, pending: int) -> int:
@@ -251,7 +268,8 @@ STEPS = ("pretrain-<method>", "register", "cells", "report")
 
 
 def _encoder_files(cfg: Config) -> dict[str, Path]:
-    from pcl_hpc.train.pretrain import ENCODER_FILE, folder as pretrain_folder
+    from pcl_hpc.train.pretrain import ENCODER_FILE
+    from pcl_hpc.train.pretrain import folder as pretrain_folder
 
     return {m: pretrain_folder(method_config(cfg, m)) / ENCODER_FILE for m in cfg.sweep.pretrain}
 
@@ -341,15 +359,13 @@ def _register(cfg: Config, cells: list[Cell]) -> None:
 
 
 def _run_cells(cfg: Config, cells: list[Cell], splits: dict, shards: list[tuple[int, int]] | None) -> None:
-    from pcl_hpc.engine.harness import is_complete
-
     missing = [str(_encoder_files(cfg)[c.encoder]) for c in cells
                if c.encoder in cfg.sweep.pretrain and not Path(c.source).is_file()]
     if missing:
         raise UserError(f"sweep: the encoders {sorted(set(missing))} do not exist yet; pretrain them first "
                         f"(`pcl-hpc sweep` does, or the steps pretrain-<method>)")
     mine = {c for shard in shards for c in shard_cells(cells, shard)} if shards else set(cells)
-    todo = [c for c in cells if c in mine and not is_complete(cell_stage(cfg, c, splits[c]))]
+    todo = [c for c in cells if c in mine and cell_result(cfg, c, splits[c]) is None]
     start = time.time()
     if todo:
         _run_pending(cfg, [(c, splits[c]) for c in todo], _state(cfg).get("run_id"))
@@ -391,7 +407,7 @@ def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, t
 
     out = folder(cfg)
     names = (manifest.get("class_names") or [])[1:] or [f"class{i}" for i in range(1, cfg.finetune.num_classes + 1)]
-    rows = [row for c in cells for row in result_rows(c, cell_stage(cfg, c, splits[c]).completed(), names)]
+    rows = [row for c in cells for row in result_rows(c, cell_result(cfg, c, splits[c]), names)]
     write_results_csv(rows, out / "results.csv", names)
     text = summarize(rows, names)
     write_text(out / "summary.md", text)
@@ -399,7 +415,8 @@ def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, t
     if tracker is not None:
         for name in ("results.csv", "summary.md", "label_efficiency.png"):
             tracker.log_artifact(out / name)
-        register_best(cfg, cells, splits, tracker.run_id)
+        if cfg.sweep.trainer != "nnunet":  # nnU-Net's models stay in its results folders (cells/<cell>/nnunet_results)
+            register_best(cfg, cells, splits, tracker.run_id)
         tracker.end()
     return text
 
@@ -411,7 +428,8 @@ def register_encoders(cfg: Config, run_id: str | None) -> bool:
     import torch
 
     from pcl_hpc.tracking import load_encoder_state, register_encoder
-    from pcl_hpc.train.pretrain import ENCODER_FILE, folder as pretrain_folder
+    from pcl_hpc.train.pretrain import ENCODER_FILE
+    from pcl_hpc.train.pretrain import folder as pretrain_folder
 
     complete = True
     for method in cfg.sweep.pretrain:

@@ -73,7 +73,7 @@ BAD_OVERRIDES = [
     ("engine.precision=fp16", "'fp16'", "auto, bf16, fp32"),
     ("engine.zero_stage=3", "3", "0, 1, 2"),
     ("loss.method=moco", "'moco'", "pcl, gcl, simclr"),
-    ("data.layout=nnunet", "'nnunet'", "generic, images, acdc, chd, mmwhs, hvsmr"),
+    ("data.layout=nnunet2", "'nnunet2'", "generic, images, acdc, chd, mmwhs, hvsmr, nnunet"),
     ("pretrain.optimizer=adam", "'adam'", "sgd, lars"),
     ("engine.backend=mpi", "'mpi'", "nccl, gloo"),
     ("pretrain.lr=-1", "-1", ">= 0"),
@@ -189,7 +189,7 @@ def test_choices_match_the_code_that_uses_them():
     def choices(cls, name):
         return set(next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"])
 
-    assert choices(DataConfig, "layout") == set(layouts.LAYOUTS)
+    assert choices(DataConfig, "layout") == set(layouts.LAYOUTS) | {"nnunet"}  # nnunet: pcl_hpc.nnunet.ingest
     assert choices(DataConfig, "modality") == set(preprocess.MODALITIES)
     assert choices(DataConfig, "slice_axis") == set(geometry.ORIENTATIONS)
     assert choices(DataConfig, "intensity") == set(intensity.INTENSITIES)

@@ -10,15 +10,16 @@ from tests.conftest import REPO
 LAYERS = [
     ["errors", "atomic", "config", "dist"],
     ["data", "models", "losses", "optim", "metrics", "inference"],
-    ["engine", "tracking"],
-    ["evaluate", "summary", "train"],
+    ["engine", "tracking", "nnunet"],  # nnunet: nnU-Net's plans, preprocessed data and hand-off file
+    ["evaluate", "summary", "train", "probes"],  # probes: an encoder judged without fine-tuning it
     ["plan"],  # steps, tasks, the local runner
     ["sweep", "predict", "export"],  # the protocol builds its plan
     ["pipeline", "demo"],  # the plans a runner is given
     ["cli", "__main__", "__init__"],
     ["launch"],  # submitit: runs the plans (and the CLI's commands) on SLURM
 ]
-OWNERS = {"submitit": "launch", "mlflow": "tracking", "deepspeed": "engine"}
+OWNERS = {"submitit": "launch", "mlflow": "tracking", "deepspeed": "engine", "nnunetv2": "nnunet",
+          "dynamic_network_architectures": "nnunet"}
 
 
 def _imports(path: Path) -> list[str]:

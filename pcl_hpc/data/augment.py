@@ -209,6 +209,21 @@ def augment_pair(
     return out, lab[:, 0].round().to(labels.dtype)
 
 
+def _pad_square(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) centred on a zero (N, 1, S, S) canvas, S = max(H, W): the transforms are drawn for
+    a square; the views are cropped back to H x W (what rotates out of the patch is lost, as at its edges)."""
+    height, width = images.shape[-2:]
+    size = max(height, width)
+    top, left = (size - height) // 2, (size - width) // 2
+    return F.pad(images, (left, size - width - left, top, size - height - top))
+
+
+def _crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    size = images.shape[-1]
+    top, left = (size - height) // 2, (size - width) // 2
+    return images[..., top:top + height, left:left + width]
+
+
 def batch_generator(seed: int, rank: int, epoch: int, number: int) -> torch.Generator:
     """The CPU generator of one batch's augmentation, a pure function of where the batch sits in
     the run: the same transforms wherever they run (loader worker or device, any number of
@@ -234,7 +249,14 @@ class BatchAugment:
         generator = batch_generator(self.seed, self.rank, epoch, number)
         batch = dict(batch)
         image = batch.pop("image")
-        if self.views:
+        if self.views and image.shape[-2] != image.shape[-1]:  # (H, W) patches (nnU-Net's plans)
+            n, _, height, width = image.shape
+            views = augment_views(_pad_square(image), self.views, generator, self.elastic)
+            out = empty((n * self.views, 1, height, width), dtype=torch.float32) if image.device.type == "cpu" \
+                else torch.empty(n * self.views, 1, height, width, device=image.device)
+            out.copy_(_crop(views.flatten(0, 1), height, width))
+            batch["views"] = out.view(n, self.views, 1, height, width)
+        elif self.views:
             n, _, p, _ = image.shape
             out = empty((n * self.views, 1, p, p), dtype=torch.float32) if image.device.type == "cpu" else None
             batch["views"] = augment_views(image, self.views, generator, self.elastic, out=out)

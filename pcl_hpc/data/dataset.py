@@ -160,7 +160,7 @@ class _ChunkReader:
 
 
 class SliceDataset(Dataset):
-    """Every axial slice of the chosen volumes, as ``patch x patch`` tensors with their positions.
+    """Every axial slice of the chosen volumes, as ``patch x patch`` (or ``height x width``) tensors with their positions.
 
     ``volume_ids=None`` takes every volume in the store (every labeled one when ``with_labels``).
     The store is opened on first use in each process, so the dataset pickles cleanly and each
@@ -171,7 +171,7 @@ class SliceDataset(Dataset):
         self,
         store: str,
         volume_ids: list[str] | None = None,
-        patch: int = 64,
+        patch: int | tuple[int, int] = 64,
         with_labels: bool = False,
         transform: Callable[..., dict] | None = None,
     ):
@@ -191,12 +191,13 @@ class SliceDataset(Dataset):
                 )
         if not volume_ids:
             raise UserError(f"no volumes selected from store {store}; check the volume lists in the config")
-        if patch < 1:
-            raise UserError(f"patch must be a positive number of pixels, got {patch}")
+        patch = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
+        if len(patch) != 2 or min(patch) < 1:
+            raise UserError(f"patch must be a positive number of pixels (or two: height, width), got {patch}")
 
         self.store = str(store)
         self.volume_ids = volume_ids
-        self.patch = int(patch)
+        self.patch = patch  # (height, width)
         self.with_labels = with_labels
         self.transform = transform  # run on each keyed batch, in the loader worker (e.g. BatchAugment)
         depths = np.array([entries[v]["shape"][0] for v in volume_ids], dtype=np.int64)
@@ -241,8 +242,8 @@ class SliceDataset(Dataset):
         ``key`` = (epoch, number) and runs ``transform``."""
         indices = list(request)
         n, p = len(indices), self.patch
-        image = _batch_tensor((n, 1, p, p), torch.float32)
-        label = _batch_tensor((n, p, p), torch.uint8) if self.with_labels else None
+        image = _batch_tensor((n, 1, *p), torch.float32)
+        label = _batch_tensor((n, *p), torch.uint8) if self.with_labels else None
         meta = np.empty((4, n), dtype=np.float64)  # position, partition, volume, slice
         image_np, label_np = image.numpy(), (label.numpy() if label is not None else None)
         for i, index in enumerate(indices):

@@ -171,6 +171,9 @@ def _check_config(cfg: DataConfig) -> None:
         raise UserError(f"data.raw_dir {cfg.raw_dir} does not exist or is not a folder; check the path")
     if not cfg.store:
         raise UserError("data.store is not set; set it to the folder where the Zarr store should go")
+    if cfg.layout == "nnunet":
+        raise UserError("data.layout=nnunet reads nnU-Net's preprocessed data: run `pcl-hpc preprocess --config ...` "
+                        "(one process; no --shard, --prepare-shards or pipeline array for it yet)")
     if cfg.layout not in LAYOUTS:
         raise UserError(f"data.layout {cfg.layout!r} is not known; valid layouts: {', '.join(LAYOUTS)}")
     if cfg.modality not in MODALITIES:

@@ -2,7 +2,7 @@
 reuse them) runs in it, so set-up, the step protocol and resume are written once.
 
 A stage supplies what only it knows (:class:`Stage`): its data, its model and optimizer, its loss on
-a batch, its end-of-epoch evaluation and its export. :func:`run` does the rest:
+a batch, its end-of-epoch evaluation, its periodic metrics (probes) and its export. :func:`run` does the rest:
 
 * set-up: process group (``dist.init``), threads, loader with its resumable sampler, seeding,
   strategy (DDP | DeepSpeed), LR schedule, checkpointer, tracker, the preemption/NaN guard;
@@ -16,7 +16,8 @@ Each stage writes under its own folder of ``output_dir`` (:func:`stage_folder`):
 ``finetune/<name>/``, so one config serves the whole sequence.
 
 The one fault-injection point, for the tests that kill or signal a run between checkpoints, is
-:func:`maybe_inject_fault` (``PCL_HPC_FAULT=<kill|signal>:<step>:<rank>``; unset in production).
+:func:`maybe_inject_fault` (``PCL_HPC_FAULT=<kill|signal>:<step>:<rank>`` or ``slow:<seconds>``; unset in
+production).
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class Stage:
         """After the last step of epoch ``epoch``: metrics to log with that step."""
         return {}
 
+    def periodic(self, h: "Harness", last: bool) -> dict[str, float] | None:
+        """After every optimizer step, on every rank: None when nothing is due at this step (the same answer on
+        every rank), else metrics to log with it (e.g. a probe; may be {} on ranks that do not compute it)."""
+        return None
+
     def log_now(self, step: int, last: bool, ended_epoch: int | None) -> tuple[bool, bool]:
         """(log, print) this step: by default every ``log_every`` steps, the first and the last."""
         due = step % self.section.log_every == 0 or step == 1 or last
@@ -138,14 +144,20 @@ def maybe_inject_fault(step: int, rank: int) -> None:
     """The fault-injection point for the resume tests: ``PCL_HPC_FAULT=<kill|signal>:<step>:<rank>``.
 
     After step <step>'s checkpoint decision, rank <rank> exits hard (kill: like a dead node) or sends
-    itself SIGUSR1 (signal: like SLURM before preemption). Only in the first attempt of a torchrun
-    group or of a SLURM job, so a restarted group or a requeued job runs through.
+    itself SIGUSR1 (signal: like SLURM before preemption). ``slow:<seconds>``: every rank sleeps that
+    long after each step (a run that outlasts a SLURM time limit at little CPU; the numbers do not
+    change). Only in the first attempt of a torchrun group or of a SLURM job, so a restarted group or a
+    requeued job runs through.
     """
     spec = os.environ.get("PCL_HPC_FAULT", "")
     first = all(os.environ.get(v, "0") == "0" for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
     if not spec or not first:
         return
-    kind, at, who = spec.split(":")
+    kind, *args = spec.split(":")
+    if kind == "slow":
+        time.sleep(float(args[0]))
+        return
+    at, who = args
     if int(at) != step or int(who) != rank:
         return
     if kind == "kill":
@@ -164,6 +176,10 @@ class Throughput:
 
     def add(self, n: int) -> None:
         self._n += n
+
+    def exclude(self, seconds: float) -> None:
+        """Leave out time that was not training (a probe) from the next rate."""
+        self._t += seconds
 
     def rate(self) -> float:
         now = time.perf_counter()
@@ -278,7 +294,7 @@ class Harness:
         self._append_metrics(json.dumps({"step": step, **metrics}) + "\n")
         self.tracker.log_metrics(metrics, step)
         if echo:
-            extra = "".join(f" {k} {v:.3f}" for k, v in metrics.items() if k.startswith("val_"))
+            extra = "".join(f" {k} {v:.3f}" for k, v in metrics.items() if k.startswith(("val_", "probe/")))
             rate = self.stage.rate_name
             speed = f" ({metrics[rate]:.0f} {rate.replace('_per_s', '')}/s)" if rate in metrics else ""
             print(f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g}{speed}{extra}",
@@ -334,10 +350,14 @@ def fit(h: Harness) -> None:
         ended = st.micro // h.per_epoch > (st.micro - h.accum) // h.per_epoch  # an epoch finished in this step
         evaluated = stage.evaluate(h, st.micro // h.per_epoch - 1) if ended else {}
         last = st.step == h.total_steps
+        probe_start = time.perf_counter()
+        periodic = stage.periodic(h, last)
+        speed.exclude(time.perf_counter() - probe_start)
         log, echo = stage.log_now(st.step, last, st.micro // h.per_epoch - 1 if ended else None)
-        if log:
+        if log or periodic is not None:
             h.log({"loss": dist.all_reduce_mean(loss.item()), "lr": strategy.lr, stage.rate_name: speed.rate(),
-                   "grad_norm": grad_norm, "skipped_steps": st.skipped_steps, "epoch": epoch, **evaluated}, echo)
+                   "grad_norm": grad_norm, "skipped_steps": st.skipped_steps, "epoch": epoch, **evaluated,
+                   **(periodic or {})}, echo or periodic is not None)
         if guard.stop or last or (every and st.step % every == 0) or (ended and stage.checkpoint_each_epoch):
             h.save()
         maybe_inject_fault(st.step, h.env.rank)

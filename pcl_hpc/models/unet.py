@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcl_hpc.config import ModelConfig
+from pcl_hpc.errors import UserError
 
 DOWNSAMPLE = 16  # four 2x2 max-pools between the five encoder levels
 
@@ -91,12 +92,16 @@ class ProjectionHead(nn.Module):
 
 
 class PretrainNet(nn.Module):
-    """Encoder + projection head; returns L2-normalised embeddings for the contrastive loss."""
+    """Encoder + projection head; returns L2-normalised embeddings for the contrastive loss.
 
-    def __init__(self, width: int = 16, in_channels: int = 1, projection_dim: int = 512):
+    ``encoder``: any module that returns its feature maps deepest last with ``out_channels`` at the
+    deepest (nnU-Net's encoders, see pcl_hpc.nnunet); default the paper's UNetEncoder."""
+
+    def __init__(self, width: int = 16, in_channels: int = 1, projection_dim: int = 512,
+                 encoder: nn.Module | None = None, out_channels: int | None = None):
         super().__init__()
-        self.encoder = UNetEncoder(in_channels, width)
-        self.head = ProjectionHead(self.encoder.out_channels, projection_dim)
+        self.encoder = encoder if encoder is not None else UNetEncoder(in_channels, width)
+        self.head = ProjectionHead(out_channels or self.encoder.out_channels, projection_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.head(self.encoder(x)[-1]), dim=1)
@@ -144,6 +149,9 @@ def build_pretrain_net(cfg: ModelConfig) -> PretrainNet:
 
 
 def build_unet(cfg: ModelConfig, out_classes: int) -> UNet:
+    if cfg.arch != "paper":
+        raise UserError(f"model.arch={cfg.arch}: its encoders are fine-tuned in nnU-Net, not by pcl-hpc; "
+                        "run pcl-hpc export <encoder> --format nnunet, then nnUNetv2_train ... -pretrained_weights")
     return UNet(out_classes, width=cfg.width, in_channels=cfg.in_channels)
 
 

@@ -277,6 +277,15 @@ def encoder_lineage(source: str, tracking_uri: str | None = None) -> dict:
     return {"encoder_path": str(Path(source).expanduser().absolute())}
 
 
+def encoder_version_tags(source: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """The model-version tags of a ``models:/`` encoder (what pretraining recorded); ``{}`` for a path."""
+    if not source.startswith("models:/"):
+        return {}
+    _use_uri(tracking_uri)
+    _, mv = _resolve_version(source)
+    return dict(mv.tags or {})
+
+
 # ----------------------------------------------------------------------------------------------
 # aliases
 

@@ -1,8 +1,10 @@
 """Semi-supervised fine-tuning: a U-Net whose encoder comes from pretraining (or random), M labeled volumes.
 
 The model is selected on the validation volumes at the end of every epoch, never on the test volumes
-it is scored on. The harness (`pcl_hpc.engine.harness`) runs the steps, checkpoints and resume.
-Writes under ``<output_dir>/finetune/<finetune.name>/`` (default name ``<init>_M<labeled volumes>``).
+it is scored on. ``finetune.mode=frozen`` trains only the decoder: the encoder (its BatchNorm statistics
+too) stays bit-identical: a segmentation probe of what the encoder already holds.
+The harness (`pcl_hpc.engine.harness`) runs the steps, checkpoints and resume. Writes under
+``<output_dir>/finetune/<finetune.name>/`` (default name ``<init>_M<labeled volumes>[_frozen]``).
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def init_name(encoder: str) -> str:
 
 
 def folder(cfg: Config) -> Path:
-    """``<output_dir>/finetune/<finetune.name>``; the default name is ``<init>_M<labeled volumes>``."""
-    name = cfg.finetune.name or f"{init_name(cfg.finetune.encoder)}_M{len(cfg.finetune.train_volumes)}"
+    """``<output_dir>/finetune/<finetune.name>``; the default name is ``<init>_M<labeled volumes>[_frozen]``."""
+    f = cfg.finetune
+    name = f.name or f"{init_name(f.encoder)}_M{len(f.train_volumes)}{'_frozen' if f.mode == 'frozen' else ''}"
     return stage_folder(cfg, "finetune", name)
 
 
@@ -108,6 +111,7 @@ class Finetune(Stage):
     def build(self, h: Harness):
         f = self.cfg.finetune
         model = build_unet(self.cfg.model, f.num_classes + 1)
+        model.encoder.requires_grad_(f.mode != "frozen")  # frozen: the optimizer holds only the decoder
         if f.encoder:
             state = load_encoder_state(f.encoder, resolve_tracking_uri(self.cfg))
             try:
@@ -120,12 +124,15 @@ class Finetune(Stage):
         return model, build_finetune_optimizer(model, f), 0
 
     def begin_epoch(self, h: Harness, epoch: int) -> None:
-        frozen = epoch < self.cfg.finetune.freeze_encoder_epochs  # the decoder learns on the pretrained encoder first
+        f = self.cfg.finetune  # the decoder learns on the pretrained encoder first, or only on it (mode=frozen)
+        frozen = f.mode == "frozen" or epoch < f.freeze_encoder_epochs
         for param in h.strategy.module.encoder.parameters():
             param.requires_grad_(not frozen)
 
     def loss(self, h: Harness, net, batch: dict) -> torch.Tensor:
         device = h.env.device
+        if self.cfg.finetune.mode == "frozen":
+            h.strategy.module.encoder.eval()  # its BatchNorm statistics stay those it was given
         if self.augment is not None and not self.in_workers:
             batch = self.augment({**batch, "image": batch["image"].to(device), "label": batch["label"].to(device)})
         with h.strategy.autocast():
@@ -149,7 +156,7 @@ class Finetune(Stage):
         f = self.cfg.finetune
         uri = resolve_tracking_uri(self.cfg)
         return self.cfg.tracking.run_name or "finetune", {
-            "init": f.encoder or "random", "labeled_volumes": len(f.train_volumes),
+            "init": f.encoder or "random", "labeled_volumes": len(f.train_volumes), "mode": f.mode,
             **(encoder_lineage(f.encoder, uri) if f.encoder else {}), **self.tags}
 
     def identity(self) -> dict:
@@ -190,13 +197,14 @@ class Finetune(Stage):
             encoder = self.identity()["encoder"]
             version = register_segmentation_model(out, name, self.cfg.tracking.alias, tags={
                 "test_dice": result["mean"], "best_val_dice": h.state.best_score, "labeled_volumes": len(f.train_volumes),
+                "mode": f.mode,
                 "split_hash": split_hash(split),
                 **(encoder if isinstance(encoder, dict) else {"encoder": encoder})}, run_id=h.tracker.run_id)
             registered = (f"; registered models:/{name}@{self.cfg.tracking.alias} (version {version})" if version
                           else "; NOT registered (tracking unreachable; register_segmentation_model registers it later)")
-        print(f"finetune done: {init_name(f.encoder)} with M={len(f.train_volumes)}: test Dice {result['mean']:.3f} "
-              f"(best val {h.state.best_score:.3f}); best model {out / 'model.pt'}, last {out / 'model_last.pt'}"
-              f"{registered}", flush=True)
+        print(f"finetune done: {init_name(f.encoder)} with M={len(f.train_volumes)} ({f.mode}): "
+              f"test Dice {result['mean']:.3f} (best val {h.state.best_score:.3f}); best model {out / 'model.pt'}, "
+              f"last {out / 'model_last.pt'}{registered}", flush=True)
         return result
 
 

@@ -9,23 +9,30 @@ Writes under ``<output_dir>/pretrain/``.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
 
-from pcl_hpc.atomic import save_torch
+from pcl_hpc.atomic import save_torch, write_text
 from pcl_hpc.config import Config
 from pcl_hpc.data.augment import BatchAugment, augment_in_workers
 from pcl_hpc.data.dataset import SliceDataset
 from pcl_hpc.data.store import volume_ids
-from pcl_hpc.engine.harness import Harness, Stage, run, stage_folder
+from pcl_hpc.engine.harness import METRICS_FILE, Harness, Stage, run, stage_folder
 from pcl_hpc.errors import UserError
 from pcl_hpc.losses import contrastive_loss
 from pcl_hpc.models.unet import build_pretrain_net
+from pcl_hpc.nnunet import ingest as nnunet_ingest
+from pcl_hpc.nnunet import network as nnunet_network
 from pcl_hpc.optim import build_optimizer
+from pcl_hpc.probes import check_volumes, position_probe
 from pcl_hpc.tracking import register_encoder
 
 ENCODER_FILE = "encoder.pt"
+TREND_WINDOW = 0.1  # the loss is smoothed over windows of this fraction of the logged losses
+FLAT_BELOW = 0.01  # a smoothed loss that fell by less than 1% from one window to the next is flat
 
 
 def pretrain_volumes(cfg: Config) -> list[str]:
@@ -35,6 +42,47 @@ def pretrain_volumes(cfg: Config) -> list[str]:
     if not chosen:
         raise UserError(f"pretrain: no volumes left in {cfg.data.store} (check pretrain.volumes / pretrain.exclude_volumes)")
     return chosen
+
+
+def probe_volumes(cfg: Config) -> list[str]:
+    """The position probe's volumes: pretrain.probe_volumes, else the held-out pretrain.exclude_volumes; [] when off."""
+    p = cfg.pretrain
+    if not p.probe_every:
+        return []
+    chosen = p.probe_volumes or p.exclude_volumes
+    if len(set(chosen)) < 2:
+        raise UserError(f"pretrain.probe_every={p.probe_every} needs pretrain.probe_volumes: name at least 2 "
+                        f"volumes (best held out of pretraining: also in pretrain.exclude_volumes), or set "
+                        f"pretrain.probe_every=0")
+    return chosen
+
+
+def loss_trend(steps: list[int], losses: list[float]) -> dict | None:
+    """The logged loss smoothed over windows (each the last TREND_WINDOW of the logged values, at least one):
+    the last window's mean against the one before. ``{"change": relative change, "steps": steps from the
+    end of the window before to the last step, "trend": falling | flat | rising}`` (flat: a change within
+    FLAT_BELOW); None with fewer than 2 finite losses."""
+    points = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
+    if len(points) < 2:
+        return None
+    w = max(1, int(len(points) * TREND_WINDOW))
+    last = sum(v for _, v in points[-w:]) / w
+    before = sum(v for _, v in points[-2 * w:-w]) / w
+    change = (last - before) / abs(before) if before else 0.0
+    return {"change": change, "steps": points[-1][0] - points[-w - 1][0],
+            "trend": "falling" if change < -FLAT_BELOW else "rising" if change > FLAT_BELOW else "flat"}
+
+
+def convergence(metrics_file: Path) -> str:
+    """One phrase on the loss's trend, from the stage's metrics.jsonl."""
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    logged = [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
+    trend = loss_trend([s for s, _ in logged], [v for _, v in logged])
+    if trend is None:
+        return "too few logged losses to judge convergence (lower pretrain.log_every)"
+    change = f"{trend['change']:+.1%} over the last {trend['steps']} steps"
+    return {"falling": f"loss still falling: {change}; train longer", "flat": f"loss flat ({change})",
+            "rising": f"loss rising: {change}"}[trend["trend"]]
 
 
 def with_sync_batchnorm(model: torch.nn.Module, enabled: bool, env) -> torch.nn.Module:
@@ -73,15 +121,35 @@ class Pretrain(Stage):
         p = self.cfg.pretrain
         self.augment = BatchAugment(seed=self.cfg.seed, rank=h.env.rank, views=2) if p.augment else None
         in_workers = self.augment is not None and augment_in_workers(self.cfg.data, h.env.device)
-        return SliceDataset(self.cfg.data.store, pretrain_volumes(self.cfg), patch=self.cfg.data.patch,
+        self.probe_volumes, self.probed = probe_volumes(self.cfg), {}
+        if self.probe_volumes:  # checked before any training
+            check_volumes(self.cfg.data.store, self.probe_volumes, "pretrain.probe_volumes")
+        nnunet = self.cfg.model.arch == "nnunet"  # nnU-Net's slices at the plan's patch size
+        patch = nnunet_ingest.store_plan_check(self.cfg, h.manifest) if nnunet else self.cfg.data.patch
+        return SliceDataset(self.cfg.data.store, pretrain_volumes(self.cfg), patch=patch,
                             transform=self.augment if in_workers else None)
 
     def build(self, h: Harness):
-        model = with_sync_batchnorm(build_pretrain_net(self.cfg.model), self.cfg.model.sync_batchnorm, h.env)
+        net = nnunet_network.pretrain_net(self.cfg.model) if self.cfg.model.arch == "nnunet" else \
+            build_pretrain_net(self.cfg.model)
+        model = with_sync_batchnorm(net, self.cfg.model.sync_batchnorm, h.env)
         return model, build_optimizer(model, self.cfg.pretrain, h.global_batch), self.cfg.pretrain.warmup_steps
 
     def loss(self, h: Harness, net, batch: dict) -> torch.Tensor:
         return batch_loss(net, h.strategy, batch, self.cfg, self.augment)  # augment: a no-op where a worker did
+
+    def periodic(self, h: Harness, last: bool) -> dict | None:
+        """The position probe every pretrain.probe_every steps and at the last: rank 0 computes it on the unwrapped
+        encoder, at the patch the stage trains on; the other ranks wait at the next collective (the logged loss)."""
+        every = self.cfg.pretrain.probe_every
+        if not every or not (h.state.step % every == 0 or last):
+            return None
+        if not h.env.is_main:
+            return {}
+        scores = position_probe(h.strategy.module.encoder, self.cfg.data.store, self.probe_volumes,
+                                h.loader.dataset.patch, key="pretrain.probe_volumes")
+        self.probed = {f"probe/{k}": v for k, v in scores.items()}
+        return self.probed
 
     def tracking(self, h: Harness):
         return self.cfg.tracking.run_name or f"pretrain-{self.cfg.loss.method}", {"method": self.cfg.loss.method}
@@ -95,15 +163,23 @@ class Pretrain(Stage):
         if not h.env.is_main:
             return path
         cfg, state = self.cfg, h.strategy.module.encoder.state_dict()
+        nnunet = nnunet_network.arch_record(cfg, h.manifest.get("content_hash", "")) if cfg.model.arch == "nnunet" \
+            else None  # what `export --format nnunet` checks the plan against
+        if nnunet is not None:
+            write_text(self.folder / nnunet_network.ARCH_FILE, json.dumps(nnunet, indent=1))
         save_torch(state, path)
+        trend = convergence(self.folder / METRICS_FILE)
+        probe_tags = {k.replace("/", "_"): round(v, 4) for k, v in self.probed.items()}  # the last step's probe
         version = register_encoder(state, cfg.model, cfg.tracking.register_name, cfg.tracking.alias, tags={
             "method": cfg.loss.method, "dataset": Path(cfg.data.store).stem, "steps": h.state.step,
             "store_hash": h.manifest.get("content_hash", ""), "epochs": round(h.state.micro / h.per_epoch, 2),
-            "global_batch": h.global_batch}, run_id=h.tracker.run_id)
+            "global_batch": h.global_batch, **nnunet_network.arch_tags(nnunet), "convergence": trend, **probe_tags},
+            run_id=h.tracker.run_id)
         registered = (f"registered models:/{cfg.tracking.register_name}@{cfg.tracking.alias} (version {version})"
                       if version else f"NOT registered (tracking unreachable; see {self.folder / 'metrics_fallback.jsonl'})")
-        print(f"pretrain done: {h.state.step} steps on {h.env.world_size} process(es); encoder {path}; {registered}",
-              flush=True)
+        probe_text = "".join(f"; {k} {v:.3f}" for k, v in self.probed.items())
+        print(f"pretrain done: {h.state.step} steps on {h.env.world_size} process(es); {trend}{probe_text}; "
+              f"encoder {path}; {registered}", flush=True)
         return path
 
 
