@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo demo-nnunet test test-fast install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/pcl-hpc demo --config configs/demo.yaml --out outputs/demo
+
+demo-nnunet: $(STAMP)  # the demo's protocol with nnU-Net as the fine-tuning trainer (longer than make demo)
+	$(VENV)/bin/pcl-hpc demo --config configs/demo_nnunet.yaml --out outputs/demo_nnunet
 
 test: $(STAMP)
 	PYTHONUTF8=1 $(PY) -m pytest -q --durations=30 tests

@@ -27,7 +27,7 @@ from pcl_hpc.data.store import volume_ids
 from pcl_hpc.errors import UserError
 from pcl_hpc.evaluate import check_num_classes, load_labeled, score_volumes
 from pcl_hpc.losses import segmentation_loss
-from pcl_hpc.models.unet import UNet
+from pcl_hpc.models.unet import UNet, pool_features
 
 POSITION_FOLDS = 5  # the position probe's k-fold over volumes (fewer volumes: leave one volume out)
 RIDGE_ALPHAS = np.logspace(-3, 3, 13)  # ridge penalties RidgeCV picks from (on standardised features)
@@ -68,7 +68,8 @@ def check_volumes(store: str, volumes: list[str], key: str, least: int = 2) -> N
 def encode_slices(encoder: nn.Module, store: str, volumes: list[str], patch: int,
                   batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (N, C), positions (N,), volume index (N,)) of every slice of ``volumes``: the
-    deepest feature map, ``encoder(x)[-1]``, averaged over H and W, in eval mode."""
+    deepest feature map, ``encoder(x)[-1]``, pooled as the projection head pools it (averaged over
+    H and W, or a grid: ``pool_features``), in eval mode."""
     data = SliceDataset(store, volumes, patch=patch)
     device, dtype = _placement(encoder)
     features, positions, groups = [], [], []
@@ -76,7 +77,7 @@ def encode_slices(encoder: nn.Module, store: str, volumes: list[str], patch: int
         for start in range(0, len(data), batch):
             b = data.__getitems__(list(range(start, min(start + batch, len(data)))))
             deepest = encoder(b["image"].to(device=device, dtype=dtype))[-1]
-            features.append(deepest.float().mean(dim=(-2, -1)).cpu().numpy())
+            features.append(pool_features(deepest.float(), getattr(encoder, "pool_grid", 1)).cpu().numpy())
             positions.append(b["position"].numpy())
             groups.append(b["volume"].numpy())
     return np.concatenate(features), np.concatenate(positions), np.concatenate(groups)

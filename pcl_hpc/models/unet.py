@@ -76,19 +76,33 @@ class UNetEncoder(nn.Module):
         return features
 
 
-class ProjectionHead(nn.Module):
-    """Global average pool of the centre map, then Linear - ReLU - Linear (SimCLR-style head)."""
+def pool_features(deepest: Tensor, grid: int = 1) -> Tensor:
+    """(N, C, h, w) -> (N, C * grid^2): averages over a grid x grid partition of the map (grid 1: global average).
 
-    def __init__(self, in_channels: int, out_dim: int = 512):
+    An encoder may ask for a grid (its ``pool_grid`` attribute): under InstanceNorm (nnU-Net's networks)
+    every channel of every sample is standardised over its own map, so its global average is nearly the
+    same for every input and a global-average head starts collapsed (measured: the SupCon loss stuck at
+    its uniform value, log(2N-1) * T / T_base); the averages of a 2 x 2 grid still tell inputs apart."""
+    if grid == 1:
+        return deepest.mean(dim=(-2, -1))
+    return F.adaptive_avg_pool2d(deepest, grid).flatten(1)
+
+
+class ProjectionHead(nn.Module):
+    """The pooled centre map (``pool_features``), then Linear - ReLU - Linear (SimCLR-style head)."""
+
+    def __init__(self, in_channels: int, out_dim: int = 512, grid: int = 1):
         super().__init__()
+        self.grid = grid
+        pooled = in_channels * grid * grid
         self.mlp = nn.Sequential(
-            nn.Linear(in_channels, in_channels),
+            nn.Linear(pooled, in_channels),
             nn.ReLU(inplace=True),
             nn.Linear(in_channels, out_dim),
         )
 
     def forward(self, centre: Tensor) -> Tensor:
-        return self.mlp(centre.mean(dim=(-2, -1)))
+        return self.mlp(pool_features(centre, self.grid))
 
 
 class PretrainNet(nn.Module):
@@ -101,7 +115,8 @@ class PretrainNet(nn.Module):
                  encoder: nn.Module | None = None, out_channels: int | None = None):
         super().__init__()
         self.encoder = encoder if encoder is not None else UNetEncoder(in_channels, width)
-        self.head = ProjectionHead(out_channels or self.encoder.out_channels, projection_dim)
+        self.head = ProjectionHead(out_channels or self.encoder.out_channels, projection_dim,
+                                   getattr(self.encoder, "pool_grid", 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.head(self.encoder(x)[-1]), dim=1)

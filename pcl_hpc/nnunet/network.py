@@ -11,6 +11,7 @@ from pcl_hpc.errors import UserError
 from pcl_hpc.models.unet import PretrainNet
 from pcl_hpc.nnunet.plans import Plan, arch_digest, load_plan
 
+POOL_GRID = 2  # the head (and the position probe) average the bottleneck over 2 x 2 cells
 ARCH_FILE = "nnunet_arch.json"  # beside encoder.pt: the plan's architecture it was pretrained with
 
 
@@ -27,6 +28,7 @@ def pretrain_net(model: ModelConfig) -> PretrainNet:
     """The plan's encoder, initialised as nnU-Net initialises it, with the projection head on its bottleneck."""
     net = model_plan(model).network()
     encoder = net.encoder
+    encoder.pool_grid = POOL_GRID  # InstanceNorm: a global average says almost nothing (see pool_features)
     return PretrainNet(encoder=encoder, out_channels=int(encoder.output_channels[-1]),
                        projection_dim=model.projection_dim)
 
