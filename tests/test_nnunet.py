@@ -231,3 +231,38 @@ def test_bad_nnunet_inputs_are_one_line_before_nnunet_runs(nnunet_data, tmp_path
             f"'--plans', {str(plans)!r}, '--out', {str(tmp_path / 'x.pt')!r}]\nraise SystemExit(main())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "pip install 'pcl-hpc[nnunet]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_head_on_an_instancenorm_encoder_learns_from_the_first_step(nnunet_data):
+    """nnU-Net's InstanceNorm bottleneck, globally averaged, is nearly the same vector for every slice (the
+    loss would start at its uniform value); the head's 2 x 2 grid pooling tells slices apart, and PCL learns."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from pcl_hpc.losses import contrastive_loss
+    from pcl_hpc.models.unet import pool_features
+    from pcl_hpc.nnunet.network import pretrain_net
+    from pcl_hpc.nnunet.plans import load_plan
+
+    root, plans = nnunet_data
+    folder = str(load_plan(plans).preprocessed_folder)
+    data = np.asarray(infer_dataset_class(folder)(folder).load_case("dk01")[0])[0]
+    index = np.linspace(2, data.shape[0] - 3, 16).astype(int)
+    patch = load_plan(plans).patch_size
+    x = torch.from_numpy(np.stack([_fit(data[i], patch) for i in index]))[:, None].float()
+    positions = torch.tensor((index + 1) / data.shape[0], dtype=torch.float32)
+    torch.manual_seed(0)
+    net = pretrain_net(config(root, plans).model)
+    deepest = net.encoder(x)[-1].detach()
+    spread = lambda f: (f.std(0) / f.abs().mean(0).clamp_min(1e-6)).mean().item()  # noqa: E731
+    assert spread(pool_features(deepest, 2)) > 3 * spread(pool_features(deepest, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        features = net(torch.cat([x, x.flip(-1)])).view(2, 16, -1).transpose(0, 1)
+        loss = contrastive_loss(features, positions, torch.zeros(16, dtype=torch.long), method="pcl", threshold=0.1,
+                                temperature=0.1, base_temperature=0.07)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
