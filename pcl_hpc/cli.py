@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--results", nargs="+", default=[], help="results.json files to tabulate")
         if name == "sweep":
             cmd.add_argument("--step", metavar="NAME", help="run one step of the sweep's plan: pretrain-<method>, "
-                             "register (the tracking run, the encoders in the registry), cells, report")
-            cmd.add_argument("--shard", metavar="I/K", help="with --step cells: only array task I's cells of K "
-                             "(I/K,J/K,...: several tasks' cells in one pool of workers)")
+                             "register (the tracking run, the encoders in the registry), supervised (the positive "
+                             "control's encoders), cells, report")
+            cmd.add_argument("--shard", metavar="I/K", help="with --step cells (or supervised): only array task I's "
+                             "cells of K (I/K,J/K,...: several tasks' cells in one pool of workers)")
             cmd.add_argument("--plan", action="store_true", help="print the plan (steps, tasks, what is left) and exit")
         if name == "demo":
             cmd.add_argument("--out", default="outputs/demo", help="folder for data, store, runs and MLflow db")
@@ -173,8 +174,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "sweep":
         from pcl_hpc import sweep
 
-        if args.shard and args.step != "cells":
-            raise UserError(f"sweep --shard {args.shard}: only with --step cells (the cells step is the array)")
+        if args.shard and args.step not in sweep.ARRAYS:
+            raise UserError(f"sweep --shard {args.shard}: only with --step cells or supervised (the plan's arrays)")
         if args.plan:
             from pcl_hpc.pipeline import plan_for
             from pcl_hpc.plan import describe

@@ -149,10 +149,11 @@ class FinetuneConfig:
 
 @dataclass
 class SweepConfig:
-    """The label-efficiency protocol (`pcl-hpc sweep`): cells of encoder x M x fold x seed."""
+    """The label-efficiency protocol (`pcl-hpc sweep`): cells of encoder x mode x M x fold x seed."""
 
     pretrain: list[str] = field(default_factory=list)  # methods this sweep pretrains once each and registers: pcl | gcl | simclr
-    encoders: list[str] = field(default_factory=lambda: ["random"])  # also: random, or a path to encoder.pt / models:/<name>@<alias>
+    encoders: list[str] = field(default_factory=lambda: ["random"])  # also: random, supervised (the positive control: trained with the labels outside the test fold), or a path to encoder.pt / models:/<name>@<alias>
+    modes: list[str] = field(default_factory=lambda: ["full"])  # fine-tuning modes of the cells (each cell sets finetune.mode): full | frozen (decoder only)
     labeled: list[int] = field(default_factory=lambda: [1, 2])  # M: labeled patients per cell
     folds: list[int] | None = None  # test folds of the manifest's k-fold; None = every fold
     seeds: list[int] = field(default_factory=lambda: [0])  # draws of the M labeled patients (and fine-tuning seeds)

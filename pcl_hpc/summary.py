@@ -1,10 +1,15 @@
 """Label-efficiency outputs: the per-volume results CSV, ``summary.md`` and the label-efficiency plot.
 
-The sweep fine-tunes *cells* of encoder × M (labeled patients) × fold × seed and scores every test
-volume of each cell per class. One *row* is one test volume of one cell::
+The sweep fine-tunes *cells* of encoder × mode × M (labeled patients) × fold × seed and scores every
+test volume of each cell per class. One *row* is one test volume of one cell::
 
-    cell, encoder, labeled, fold, seed, volume,
+    cell, encoder, mode, labeled, fold, seed, volume,
     dice_mean, dice_<class>..., hd95_mm_mean, hd95_mm_<class>...
+
+``mode`` is the cell's fine-tuning mode (``full``: encoder and decoder, ``frozen``: the decoder alone).
+A row without it, and a CSV written before it existed (no ``mode`` column), is mode ``full``. Tables
+and paired comparisons are made per mode (a method is paired with the baseline in the same mode); with
+the single mode ``full`` the text is the one of before modes.
 
 ``hd95_mm_*`` may be None (a class in only one of prediction and label; the mean is None when no
 class has a value). Everything here is a pure function of the rows: a cell's score is the mean over
@@ -26,8 +31,12 @@ from pathlib import Path
 from pcl_hpc.atomic import atomic_path
 from pcl_hpc.errors import UserError
 
-ID_COLUMNS = ("cell", "encoder", "labeled", "fold", "seed", "volume")
-_STR_COLUMNS = ("cell", "encoder", "volume")
+ID_COLUMNS = ("cell", "encoder", "mode", "labeled", "fold", "seed", "volume")
+DEFAULT_MODE = "full"  # the mode of a row (or a CSV) without one
+_REQUIRED = tuple(c for c in ID_COLUMNS if c != "mode") + ("dice_mean", "hd95_mm_mean")  # in every row
+_MODE_TEXT = {"full": "encoder and decoder fine-tuned", "frozen": "only the decoder trained, on the frozen encoder"}
+_LINE_STYLES = {"full": "-", "frozen": "--"}  # the plot's line per mode (another mode: dotted)
+_STR_COLUMNS = ("cell", "encoder", "mode", "volume")
 _INT_COLUMNS = ("labeled", "fold", "seed")
 _ZERO_TOL = 1e-12  # a paired difference this small is a tie (zero) for the Wilcoxon test
 
@@ -68,12 +77,14 @@ def _cell_text(key: str, value) -> str:
 def write_results_csv(rows: Iterable[Mapping], path: str | Path, class_names: Sequence[str]) -> Path:
     """Write the per-volume ``rows`` to ``path`` (atomically) in the fixed column order; None is an empty cell.
 
-    Every row must have exactly the columns of :func:`result_columns` (a missing or unexpected key is a
-    ValueError naming the row: it usually means ``class_names`` does not match the rows)."""
+    Every row must have exactly the columns of :func:`result_columns`, but ``mode`` may be left out
+    (:data:`DEFAULT_MODE`); a missing or unexpected key is a ValueError naming the row: it usually means
+    ``class_names`` does not match the rows."""
     columns = result_columns(class_names)
     wanted = set(columns)
     lines = []
     for i, row in enumerate(rows):
+        row = {"mode": DEFAULT_MODE, **row}
         keys = set(row)
         missing, extra = [c for c in columns if c not in keys], sorted(map(str, keys - wanted))
         if missing or extra:
@@ -93,18 +104,21 @@ def write_results_csv(rows: Iterable[Mapping], path: str | Path, class_names: Se
 
 
 def _classes_from_header(header: list[str]) -> list[str]:
-    n = len(ID_COLUMNS)
-    if header[:n] != list(ID_COLUMNS) or "dice_mean" not in header or "hd95_mm_mean" not in header:
+    """The class names of a results CSV's header (one of before modes, without ``mode``, reads too)."""
+    ids = [c for c in ID_COLUMNS if c != "mode" or "mode" in header]
+    if header[:len(ids)] != ids or "dice_mean" not in header or "hd95_mm_mean" not in header:
         raise ValueError(f"header must start with {', '.join(ID_COLUMNS)}, dice_mean")
     d0, h0 = header.index("dice_mean"), header.index("hd95_mm_mean")
     names = [c[len("dice_"):] for c in header[d0 + 1:h0] if c.startswith("dice_")]
-    if header != result_columns(names):
+    expected = [c for c in result_columns(names) if c in ids or c not in ID_COLUMNS]
+    if header != expected:
         raise ValueError("columns are not " + ", ".join(result_columns(names)))
     return names
 
 
 def read_results_csv(path: str | Path) -> tuple[list[dict], list[str]]:
-    """``(rows, class_names)`` from a CSV written by :func:`write_results_csv`: ints, floats and None back.
+    """``(rows, class_names)`` from a CSV written by :func:`write_results_csv`: ints, floats and None back
+    (``mode`` is :data:`DEFAULT_MODE` in a CSV of before modes).
 
     A missing file or one that is not such a CSV is a UserError naming the file (and the line)."""
     path = Path(path)
@@ -137,7 +151,7 @@ def read_results_csv(path: str | Path) -> tuple[list[dict], list[str]]:
                     row[key] = None if text == "" else float(text)
             except ValueError:
                 raise UserError(f"results CSV {path} line {lineno}: column {key!r} has {text!r}") from None
-        rows.append(row)
+        rows.append({"mode": DEFAULT_MODE, **row})
     return rows, class_names
 
 
@@ -155,26 +169,30 @@ def _std(values: Sequence[float]) -> float | None:
     return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def _ident(row: Mapping) -> tuple[str, str, int, int, int]:
+    """(encoder, mode, M, fold, seed) of a row; a row without a mode is :data:`DEFAULT_MODE`."""
+    return (str(row["encoder"]), str(row.get("mode") or DEFAULT_MODE), int(row["labeled"]), int(row["fold"]),
+            int(row["seed"]))
+
+
 def _cells(rows: Iterable[Mapping], class_names: Sequence[str]) -> list[dict]:
     """One dict per cell: ids, ``dice`` (mean over volumes), ``dice_<class>``, ``hd95`` (mean over the
     volumes that have one, or None), ``volumes`` and ``hd95_volumes`` (how many had an HD95)."""
     by_cell: dict[str, list[Mapping]] = {}
     for i, row in enumerate(rows):
-        for key in (*ID_COLUMNS, "dice_mean", "hd95_mm_mean", *(f"dice_{c}" for c in class_names)):
+        for key in (*_REQUIRED, *(f"dice_{c}" for c in class_names)):
             if key not in row:
                 raise ValueError(f"row {i} has no {key!r} (class names {list(class_names)})")
         by_cell.setdefault(str(row["cell"]), []).append(row)
     cells, seen = [], {}
     for cid, members in by_cell.items():
-        first = members[0]
-        ident = (str(first["encoder"]), int(first["labeled"]), int(first["fold"]), int(first["seed"]))
+        ident = _ident(members[0])
         for r in members:
-            if (str(r["encoder"]), int(r["labeled"]), int(r["fold"]), int(r["seed"])) != ident:
-                raise ValueError(f"cell {cid!r} mixes encoder/labeled/fold/seed: {ident} and "
-                                 f"{(r['encoder'], r['labeled'], r['fold'], r['seed'])}")
+            if _ident(r) != ident:
+                raise ValueError(f"cell {cid!r} mixes encoder/mode/labeled/fold/seed: {ident} and {_ident(r)}")
         if ident in seen:
-            raise ValueError(f"cells {seen[ident]!r} and {cid!r} are both encoder={ident[0]} M={ident[1]} "
-                             f"fold={ident[2]} seed={ident[3]}")
+            raise ValueError(f"cells {seen[ident]!r} and {cid!r} are both encoder={ident[0]} mode={ident[1]} "
+                             f"M={ident[2]} fold={ident[3]} seed={ident[4]}")
         seen[ident] = cid
         vols = [str(r["volume"]) for r in members]
         if len(set(vols)) != len(vols):
@@ -185,20 +203,31 @@ def _cells(rows: Iterable[Mapping], class_names: Sequence[str]) -> list[dict]:
             if r["dice_mean"] is None or any(r[f"dice_{c}"] is None for c in class_names):
                 raise ValueError(f"cell {cid!r} volume {r['volume']!r}: Dice is None (Dice is defined for every volume)")
         hds = [float(r["hd95_mm_mean"]) for r in members if r["hd95_mm_mean"] is not None]
-        cell = {"cell": cid, "encoder": ident[0], "labeled": ident[1], "fold": ident[2], "seed": ident[3],
+        cell = {"cell": cid, **dict(zip(("encoder", "mode", "labeled", "fold", "seed"), ident)),
                 "volumes": len(members), "hd95_volumes": len(hds),
                 "dice": _mean([float(r["dice_mean"]) for r in members]),
                 "hd95": _mean(hds) if hds else None}
         for c in class_names:
             cell[f"dice_{c}"] = _mean([float(r[f"dice_{c}"]) for r in members])
         cells.append(cell)
-    cells.sort(key=lambda c: (c["encoder"], c["labeled"], c["fold"], c["seed"], c["cell"]))
+    cells.sort(key=lambda c: (c["encoder"], c["mode"], c["labeled"], c["fold"], c["seed"], c["cell"]))
     return cells
 
 
 def _methods(cells: Sequence[Mapping], baseline: str) -> list[str]:
     names = sorted({c["encoder"] for c in cells})
     return ([baseline] if baseline in names else []) + [m for m in names if m != baseline]
+
+
+def _modes(cells: Sequence[Mapping]) -> list[str]:
+    """The modes of the cells: full first, then alphabetical."""
+    names = sorted({c["mode"] for c in cells})
+    return ([DEFAULT_MODE] if DEFAULT_MODE in names else []) + [m for m in names if m != DEFAULT_MODE]
+
+
+def _label(method: str, mode: str) -> str:
+    """A method in a mode, where modes are told apart: ``pcl`` (full), ``pcl (frozen)``."""
+    return method if mode == DEFAULT_MODE else f"{method} ({mode})"
 
 
 def _stats(cells: Sequence[Mapping], key: str) -> dict[tuple[str, int], tuple[float, float | None, int]]:
@@ -291,31 +320,55 @@ def _fmt_p(p: float | None) -> str:
 def summarize(rows: Iterable[Mapping], class_names: Sequence[str], baseline: str = "random") -> str:
     """The markdown of ``summary.md`` for the per-volume ``rows`` (see the module docstring).
 
-    Deterministic: methods are ``baseline`` first then alphabetical, M ascending, no timestamps; the
-    same rows (in any order) give byte-identical text."""
+    Deterministic: modes are full first then alphabetical, methods ``baseline`` first then alphabetical,
+    M ascending, no timestamps; the same rows (in any order) give byte-identical text."""
     class_names = _check_class_names(class_names)
     cells = _cells(rows, class_names)
     if not cells:
         raise ValueError("summarize: no rows")
-    methods = _methods(cells, baseline)
-    ms = sorted({c["labeled"] for c in cells})
-    per_method = {m: sum(1 for c in cells if c["encoder"] == m) for m in methods}
-    n_volumes = sum(c["volumes"] for c in cells)
+    modes = _modes(cells)
+    out = ["# Label-efficiency summary", "", _intro(cells, class_names, baseline, modes)]
+    for mode in modes:
+        suffix = "" if modes == [DEFAULT_MODE] else f", mode {mode}"  # one full mode: the text of before modes
+        out += _mode_sections([c for c in cells if c["mode"] == mode], class_names, baseline, suffix)
+    return "\n".join(out) + "\n"
 
-    out = ["# Label-efficiency summary", ""]
-    out.append(
-        "Averaged: a cell (encoder × M labeled patients × fold × seed) scores the mean over its test volumes; "
+
+def _intro(cells: Sequence[Mapping], class_names: Sequence[str], baseline: str, modes: Sequence[str]) -> str:
+    """The paragraph that says how the numbers are averaged, and what the cells are."""
+    counts = {}
+    for mode in modes:
+        of_mode = [c for c in cells if c["mode"] == mode]
+        for m in _methods(of_mode, baseline):
+            counts[_label(m, mode)] = sum(1 for c in of_mode if c["encoder"] == m)
+    what = "encoder × M labeled patients × fold × seed" if modes == [DEFAULT_MODE] else \
+        "encoder × mode × M labeled patients × fold × seed"
+    text = (
+        f"Averaged: a cell ({what}) scores the mean over its test volumes; "
         "table entries are mean ± sample std (ddof=1) over the cells (folds × seeds) of each method × M, "
         "n = cells. Dice: per volume per class, overall = mean over classes (higher is better). "
         "HD95: mm, per volume the mean over the classes that have one (lower is better). "
-        f"Cells: {len(cells)} (" + ", ".join(f"{_md(m)} {per_method[m]}" for m in methods)
-        + f") from {n_volumes} volume rows; classes: " + (", ".join(_md(c) for c in class_names) or "none")
-        + ". Best per column in **bold**.")
-    out += ["", "## Table 1: Dice, overall (mean over classes)", ""]
+        f"Cells: {len(cells)} (" + ", ".join(f"{_md(m)} {n}" for m, n in counts.items())
+        + f") from {sum(c['volumes'] for c in cells)} volume rows; classes: "
+        + (", ".join(_md(c) for c in class_names) or "none") + ". Best per column in **bold**.")
+    if modes != [DEFAULT_MODE]:
+        text += (" Modes: " + ", ".join(f"{_md(m)} ({_MODE_TEXT[m]})" if m in _MODE_TEXT else _md(m) for m in modes)
+                 + f"; the tables and paired comparisons are per mode, each method against {_md(baseline)} "
+                 "in the same mode.")
+    return text
+
+
+def _mode_sections(cells: Sequence[Mapping], class_names: Sequence[str], baseline: str, suffix: str) -> list[str]:
+    """Tables 1 and 2, Dice per class and the paired comparison of the cells of one mode (``suffix``
+    ends each heading: which mode, or nothing)."""
+    methods = _methods(cells, baseline)
+    ms = sorted({c["labeled"] for c in cells})
+    out = ["", f"## Table 1: Dice, overall (mean over classes){suffix}", ""]
     out += _table(_stats(cells, "dice"), methods, ms, 3, lower_is_better=False)
 
-    out += ["", "## Table 2: HD95 (mm), overall", ""]
+    out += ["", f"## Table 2: HD95 (mm), overall{suffix}", ""]
     out += _table(_stats(cells, "hd95"), methods, ms, 2, lower_is_better=True)
+    n_volumes = sum(c["volumes"] for c in cells)
     missing_vol = n_volumes - sum(c["hd95_volumes"] for c in cells)
     no_hd = [c for c in cells if c["hd95"] is None]
     note = ("HD95 is None for a class in only one of prediction and label; a volume's HD95 is the mean over "
@@ -328,48 +381,51 @@ def summarize(rows: Iterable[Mapping], class_names: Sequence[str], baseline: str
     out += ["", note + "."]
 
     if class_names:
-        out += ["", "## Dice per class", ""]
+        out += ["", f"## Dice per class{suffix}", ""]
         for c in class_names:
             out += [f"### {_md(c)}", ""]
             out += _table(_stats(cells, f"dice_{c}"), methods, ms, 3, lower_is_better=False)
             out.append("")
         out.pop()
+    return out + ["", f"## Paired comparison against {_md(baseline)} (Dice, overall){suffix}", ""] + \
+        _paired_section(cells, methods, baseline)
 
-    out += ["", f"## Paired comparison against {_md(baseline)} (Dice, overall)", ""]
-    if baseline not in per_method:
-        out.append(f"Baseline {_md(baseline)!s} is absent from the rows (methods: "
-                   + ", ".join(_md(m) for m in methods) + "): paired comparison skipped.")
-    elif len(methods) == 1:
-        out.append(f"Only the baseline {_md(baseline)} is present: nothing to compare.")
-    else:
-        out.append(f"Difference = method − {_md(baseline)} over matched cells (same M, fold and seed); "
-                   "95% CI from the t-distribution over the paired differences; p: two-sided Wilcoxon "
-                   "signed-rank test (n/a with fewer than 2 non-zero differences, or no CI with fewer than 2 pairs). "
-                   "M = all pools the pairs of every M (shown with more than one M).")
-        out += ["", "| method | M | n pairs | mean diff | 95% CI | Wilcoxon p |", "|---|---|---|---|---|---|"]
-        unmatched = []
-        base_keys = {(c["labeled"], c["fold"], c["seed"]) for c in cells if c["encoder"] == baseline}
-        for meth in methods[1:]:
-            meth_ms = sorted({c["labeled"] for c in cells if c["encoder"] == meth})
-            for m in [*meth_ms, None] if len(meth_ms) > 1 else meth_ms:
-                s = paired_stats(_paired(cells, meth, baseline, None if m is None else {m}))
-                ci = "n/a" if s["ci"] is None else f"[{_fmt(s['ci'][0], 3, True)}, {_fmt(s['ci'][1], 3, True)}]"
-                mean = "n/a" if s["mean"] is None else _fmt(s["mean"], 3, True)
-                out.append(f"| {_md(meth)} | {'all' if m is None else m} | {s['n']} | {mean} | {ci} | {_fmt_p(s['p'])} |")
-            unmatched += [c for c in cells if c["encoder"] == meth
-                          and (c["labeled"], c["fold"], c["seed"]) not in base_keys]
-        if unmatched:
-            out += ["", f"Cells without a matching {_md(baseline)} cell (left out): " + ", ".join(
-                f"{_md(c['encoder'])} M={c['labeled']} fold={c['fold']} seed={c['seed']}" for c in unmatched) + "."]
-    return "\n".join(out) + "\n"
+
+def _paired_section(cells: Sequence[Mapping], methods: Sequence[str], baseline: str) -> list[str]:
+    """The paired comparison of each method against ``baseline`` over the cells of one mode."""
+    if baseline not in methods:
+        return [f"Baseline {_md(baseline)!s} is absent from the rows (methods: "
+                + ", ".join(_md(m) for m in methods) + "): paired comparison skipped."]
+    if len(methods) == 1:
+        return [f"Only the baseline {_md(baseline)} is present: nothing to compare."]
+    out = [f"Difference = method − {_md(baseline)} over matched cells (same M, fold and seed); "
+           "95% CI from the t-distribution over the paired differences; p: two-sided Wilcoxon "
+           "signed-rank test (n/a with fewer than 2 non-zero differences, or no CI with fewer than 2 pairs). "
+           "M = all pools the pairs of every M (shown with more than one M)."]
+    out += ["", "| method | M | n pairs | mean diff | 95% CI | Wilcoxon p |", "|---|---|---|---|---|---|"]
+    unmatched = []
+    base_keys = {(c["labeled"], c["fold"], c["seed"]) for c in cells if c["encoder"] == baseline}
+    for meth in methods[1:]:
+        meth_ms = sorted({c["labeled"] for c in cells if c["encoder"] == meth})
+        for m in [*meth_ms, None] if len(meth_ms) > 1 else meth_ms:
+            s = paired_stats(_paired(cells, meth, baseline, None if m is None else {m}))
+            ci = "n/a" if s["ci"] is None else f"[{_fmt(s['ci'][0], 3, True)}, {_fmt(s['ci'][1], 3, True)}]"
+            mean = "n/a" if s["mean"] is None else _fmt(s["mean"], 3, True)
+            out.append(f"| {_md(meth)} | {'all' if m is None else m} | {s['n']} | {mean} | {ci} | {_fmt_p(s['p'])} |")
+        unmatched += [c for c in cells if c["encoder"] == meth and (c["labeled"], c["fold"], c["seed"]) not in base_keys]
+    if unmatched:
+        out += ["", f"Cells without a matching {_md(baseline)} cell (left out): " + ", ".join(
+            f"{_md(c['encoder'])} M={c['labeled']} fold={c['fold']} seed={c['seed']}" for c in unmatched) + "."]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- plot
 
 def plot_label_efficiency(rows: Iterable[Mapping], path: str | Path, baseline: str = "random") -> Path:
     """A 640×480 PNG (6.4×4.8 in at 100 dpi), written atomically: mean Dice (overall) over cells against M,
-    one line with markers per method and a band of ± sample std over cells. x is log2 with integer ticks
-    at the M values (linear when some M < 1).
+    one line with markers per method and mode (a colour per method, a line style per mode: full solid,
+    frozen dashed) and a band of ± sample std over cells. x is log2 with integer ticks at the M values
+    (linear when some M < 1).
 
     Uses matplotlib's object-oriented API (``Figure``, Agg canvas): no pyplot, no GUI, and the caller's
     global backend is left unchanged."""
@@ -382,18 +438,21 @@ def plot_label_efficiency(rows: Iterable[Mapping], path: str | Path, baseline: s
         raise ValueError("plot_label_efficiency: no rows")
     methods = _methods(cells, baseline)
     ms = sorted({c["labeled"] for c in cells})
-    stats = _stats(cells, "dice")
 
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for meth in methods:
-        xs = [m for m in ms if (meth, m) in stats]
-        means = [stats[(meth, m)][0] for m in xs]
-        stds = [stats[(meth, m)][1] or 0.0 for m in xs]
-        (line,) = ax.plot(xs, means, marker="o", label=meth)
-        ax.fill_between(xs, [a - s for a, s in zip(means, stds)], [a + s for a, s in zip(means, stds)],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
+    for mode in _modes(cells):
+        stats = _stats([c for c in cells if c["mode"] == mode], "dice")
+        for i, meth in enumerate(methods):
+            xs = [m for m in ms if (meth, m) in stats]
+            if not xs:
+                continue
+            means = [stats[(meth, m)][0] for m in xs]
+            stds = [stats[(meth, m)][1] or 0.0 for m in xs]
+            ax.plot(xs, means, marker="o", label=_label(meth, mode), color=f"C{i}", linestyle=_LINE_STYLES.get(mode, ":"))
+            ax.fill_between(xs, [a - s for a, s in zip(means, stds)], [a + s for a, s in zip(means, stds)],
+                            color=f"C{i}", alpha=0.2, linewidth=0)
     if ms[0] >= 1:
         ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_locator(NullLocator())

@@ -66,12 +66,12 @@ def test_csv_round_trip_keeps_types_and_order(tmp_path):
     rows[2]["labeled"] = np.int64(1)
     path = write_results_csv(rows, tmp_path / "results.csv", CLASSES)
     header = path.read_text().splitlines()[0]
-    assert header == ("cell,encoder,labeled,fold,seed,volume,dice_mean,dice_a,dice_white_matter,"
+    assert header == ("cell,encoder,mode,labeled,fold,seed,volume,dice_mean,dice_a,dice_white_matter,"
                       "hd95_mm_mean,hd95_mm_a,hd95_mm_white_matter")
     back, names = read_results_csv(path)
     assert names == CLASSES
-    assert back == [{k: (float(v) if k == "dice_mean" else int(v) if k == "labeled" else v) for k, v in r.items()}
-                    for r in rows]
+    assert back == [{"mode": "full", **{k: (float(v) if k == "dice_mean" else int(v) if k == "labeled" else v)
+                                        for k, v in r.items()}} for r in rows]  # a row without a mode is full
     assert back[0]["dice_a"] == 0.1 + 0.2
     for r in back:
         assert type(r["labeled"]) is int and type(r["fold"]) is int and type(r["seed"]) is int
@@ -79,6 +79,19 @@ def test_csv_round_trip_keeps_types_and_order(tmp_path):
         assert r["hd95_mm_mean"] is None or type(r["hd95_mm_mean"]) is float
     assert sum(r["hd95_mm_mean"] is None for r in back) == 3
     assert not [p for p in tmp_path.iterdir() if p.name != "results.csv"]  # no temporary left behind
+
+
+def test_csv_of_before_modes_reads_as_mode_full(tmp_path):
+    rows = [{**r, "mode": "frozen" if r["encoder"] == "pcl" else "full"} for r in make_rows()]
+    path = write_results_csv(rows, tmp_path / "r.csv", CLASSES)
+    back, _ = read_results_csv(path)
+    assert [r["mode"] for r in back] == [r["mode"] for r in rows]
+    lines = [ln.split(",") for ln in path.read_text().splitlines()]
+    assert lines[0][2] == "mode"
+    path.write_text("\n".join(",".join(ln[:2] + ln[3:]) for ln in lines) + "\n")  # the CSV without its mode column
+    old, names = read_results_csv(path)
+    assert names == CLASSES and {r["mode"] for r in old} == {"full"}
+    assert old == [{**r, "mode": "full"} for r in back]
 
 
 def test_csv_rejects_rows_that_do_not_fit_the_classes(tmp_path):
@@ -189,6 +202,39 @@ def test_unmatched_cells_and_missing_m():
     assert table_row(t1, "random") == "| random | **0.630 ± 0.026** (n=4) | 0.730 ± 0.026 (n=4) |"
 
 
+def frozen_rows(offsets):
+    """make_rows() again as mode frozen cells, each encoder's Dice moved by ``offsets[encoder]``."""
+    moved = ("dice_mean", "dice_a", "dice_white_matter")
+    return [{**r, "cell": r["cell"] + "-frozen", "mode": "frozen", **{k: r[k] + offsets[r["encoder"]] for k in moved}}
+            for r in make_rows()]
+
+
+def test_modes_get_their_own_tables_and_pairs():
+    full = [{**r, "mode": "full"} for r in make_rows()]
+    text = summarize(full + frozen_rows({"random": -0.10, "pcl": 0.10}), CLASSES)
+    assert text.splitlines()[2].startswith("Averaged: a cell (encoder × mode × M labeled patients × fold × seed)")
+    assert "Cells: 32 (random 8, pcl 8, random (frozen) 8, pcl (frozen) 8)" in text
+    assert "each method against random in the same mode" in text
+    # full: as without modes (pcl − random = +0.05). frozen: random − 0.10 and pcl + 0.10 = random + 0.15, so
+    # +0.25 against the frozen random cell (against the full one it would be +0.15: no pair crosses modes).
+    t1 = section(text, "## Table 1: Dice, overall (mean over classes), mode full")
+    assert table_row(t1, "pcl") == "| pcl | **0.680 ± 0.026** (n=4) | **0.780 ± 0.026** (n=4) |"
+    t1 = section(text, "## Table 1: Dice, overall (mean over classes), mode frozen")
+    assert table_row(t1, "random") == "| random | 0.530 ± 0.026 (n=4) | 0.630 ± 0.026 (n=4) |"
+    assert table_row(t1, "pcl") == "| pcl | **0.780 ± 0.026** (n=4) | **0.880 ± 0.026** (n=4) |"
+    full_pairs = section(text, "## Paired comparison against random (Dice, overall), mode full")
+    assert "| pcl | all | 8 | +0.050 | [+0.050, +0.050] | 0.008 |" in full_pairs
+    frozen_pairs = section(text, "## Paired comparison against random (Dice, overall), mode frozen")
+    assert "| pcl | all | 8 | +0.250 | [+0.250, +0.250] | 0.008 |" in frozen_pairs
+    assert text.count("## Dice per class") == 2 and "## Table 1: Dice, overall (mean over classes)\n" not in text
+    # A mode without its baseline skips its pairs; the other mode's stay.
+    text = summarize(full + [r for r in frozen_rows({"random": 0, "pcl": 0}) if r["encoder"] == "pcl"], CLASSES)
+    assert section(text, "## Paired comparison against random (Dice, overall), mode frozen") == [
+        "Baseline random is absent from the rows (methods: pcl): paired comparison skipped."]
+    full_pairs = section(text, "## Paired comparison against random (Dice, overall), mode full")
+    assert "| pcl | all | 8 | +0.050 | [+0.050, +0.050] | 0.008 |" in full_pairs
+
+
 def test_baseline_absent():
     rows = [r for r in make_rows() if r["encoder"] == "pcl"]
     text = summarize(rows, CLASSES)
@@ -250,6 +296,11 @@ def test_plot_is_a_640x480_png(tmp_path):
     one = [r for r in make_rows() if r["encoder"] == "pcl" and r["labeled"] == 2]
     img = matplotlib.image.imread(plot_label_efficiency(one, tmp_path / "one.png"))
     assert img.shape[:2] == (480, 640)
+    # Two modes: a line style each, the same colour per method; a mode without some method is drawn too.
+    modes = make_rows() + [r for r in frozen_rows({"random": -0.1, "pcl": 0.1}) if r["encoder"] == "pcl"]
+    both = plot_label_efficiency(modes, tmp_path / "modes.png")
+    assert both.read_bytes() != path.read_bytes()
+    assert matplotlib.image.imread(both).shape[:2] == (480, 640)
 
 
 def test_import_is_light():

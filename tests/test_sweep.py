@@ -1,5 +1,6 @@
-"""The label-efficiency protocol: splits (unit), and a tiny sweep end to end through the CLI
-(random + PCL pretrained by the sweep, M=1, 2 folds, 2 cells at a time), run twice."""
+"""The label-efficiency protocol: splits (unit), modes and the positive control (unit, and one real
+supervised encoder), and a tiny sweep end to end through the CLI (random + PCL pretrained by the sweep,
+M=1, 2 folds, 2 cells at a time), run twice."""
 
 import csv
 import json
@@ -33,6 +34,92 @@ def test_protocol_split_is_disjoint_nested_and_seeded(demo_store):
         protocol_split(manifest, 0, 3, 0, val_patients=2)
     with pytest.raises(UserError, match="sweep.folds"):
         protocol_split(manifest, 5, 1, 0, val_patients=1)
+
+
+def sweep_config(store, out, *overrides):
+    """A tiny in-process sweep config on the demo store (2 fine-tuning steps, 1 worker)."""
+    from pcl_hpc.config import load_config
+
+    return load_config(str(REPO / "configs" / "demo.yaml"), [
+        f"data.store={store}", f"output_dir={out}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "data.patch=32",
+        "model.width=4", "finetune.max_steps=2", "finetune.epochs=1", "finetune.batch_size=4", "engine.precision=fp32",
+        "sweep.pretrain=[]", "sweep.labeled=[1]", "sweep.folds=[0]", "sweep.seeds=[0]", "sweep.workers=1",
+        "tracking.register_name=sweep-test", *overrides])
+
+
+def test_modes_name_the_cells_set_their_config_and_rows(demo_store, tmp_path):
+    from pcl_hpc.sweep import cell_config, plan_cells, result_rows
+
+    manifest = read_manifest(demo_store)
+    cfg = sweep_config(demo_store, tmp_path, "sweep.encoders=[random]", "sweep.modes=[full, frozen]",
+                       "sweep.labeled=[1, 2]")
+    cells = plan_cells(cfg, manifest)
+    assert [c.name for c in cells] == ["random_M1_f0_s0", "random_M2_f0_s0", "random_frozen_M1_f0_s0",
+                                       "random_frozen_M2_f0_s0"], "full cells keep their names"
+    for cell in cells:
+        split = protocol_split(manifest, cell.fold, cell.labeled, cell.seed, cfg.sweep.val_patients)
+        assert cell_config(cfg, cell, split).finetune.mode == cell.mode
+    rows = result_rows(cells[2], {"per_volume": {"dk02": [0.5, 0.6, 0.7]}}, ["a", "b", "c"])
+    assert rows[0]["mode"] == "frozen" and rows[0]["cell"] == "random_frozen_M1_f0_s0"
+    assert [c.mode for c in plan_cells(sweep_config(demo_store, tmp_path), manifest)] == ["full"], "the default"
+    for overrides, key in ((["sweep.modes=[full, half]"], "sweep.modes"), (["sweep.modes=[]"], "sweep.modes"),
+                           (["finetune.mode=frozen"], "finetune.mode=frozen"),
+                           (["model.arch=nnunet", "sweep.trainer=nnunet", "sweep.modes=[frozen]"], "sweep.modes: frozen"),
+                           (["model.arch=nnunet", "sweep.trainer=nnunet", "sweep.encoders=[supervised]"], "supervised"),
+                           (["sweep.encoders=[/x/supervised/encoder.pt]"], "the positive control's name")):
+        with pytest.raises(UserError, match=key) as err:
+            plan_cells(sweep_config(demo_store, tmp_path, *overrides), manifest)
+        assert "\n" not in str(err.value)
+
+
+def test_supervised_split_holds_every_labeled_volume_but_the_test_fold(demo_store, tmp_path):
+    from pcl_hpc.sweep import plan_cells, supervised_folder, supervised_split, sweep_plan
+
+    manifest = read_manifest(demo_store)
+    for fold in range(3):
+        outside = [v["id"] for v in manifest["volumes"] if v["labeled"] and v["fold"] != fold]
+        test_fold = {v["id"] for v in manifest["volumes"] if v["fold"] == fold}
+        for seed in (0, 1):
+            split = supervised_split(manifest, fold, seed, val_patients=2)
+            assert split["train"] == outside and not test_fold & {*split["train"], *split["val"]}
+            assert split["val"] == protocol_split(manifest, fold, 1, seed, 2)["val"], "the cells' validation patients"
+    cfg = sweep_config(demo_store, tmp_path, "sweep.encoders=[random, supervised]", "sweep.folds=[0, 1]")
+    cells = plan_cells(cfg, manifest)
+    assert [c.source for c in cells if c.encoder == "supervised"] == [
+        str(supervised_folder(cfg, fold, 0) / "encoder.pt") for fold in (0, 1)], "one encoder per fold, any M"
+    steps = {s.name: s for s in sweep_plan(cfg, "config.yaml")}
+    assert steps["supervised"].after == [] and steps["cells"].after == ["register", "supervised"]
+    assert [t.cells for t in steps["supervised"].tasks] == [["f0_s0"], ["f1_s0"]]
+    assert "supervised" not in {s.name for s in sweep_plan(sweep_config(demo_store, tmp_path), "config.yaml")}
+
+
+@pytest.mark.slow  # 10 to 22 s here under load (a fine-tuning, MLflow's first database)
+def test_the_supervised_encoder_never_sees_its_test_fold(demo_store, tmp_path, capsys):
+    """A real (2-step) positive control for fold 0: its written split and the volumes it scored hold no
+    volume of the test fold; it is trained once; its encoder.pt is what a cell loads."""
+    import torch
+
+    from pcl_hpc.models.unet import build_unet
+    from pcl_hpc.sweep import is_supervised_complete, run_step, supervised_folder, sweep_plan
+
+    manifest = read_manifest(demo_store)
+    cfg = sweep_config(demo_store, tmp_path, "sweep.encoders=[supervised]", "sweep.modes=[frozen]",
+                       "sweep.val_patients=1")
+    with pytest.raises(UserError, match="do not exist yet.*supervised"):
+        run_step(cfg, "cells")
+    run_step(cfg, "supervised")
+    where = supervised_folder(cfg, 0, 0)
+    split = json.loads((where / "split.json").read_text())
+    test_fold = {v["id"] for v in manifest["volumes"] if v["fold"] == 0}
+    scored = json.loads((where / "results.json").read_text())["per_volume"]  # its validation volumes
+    assert split["test_fold"] == 0 and len(split["train"]) == 4 and len(split["val"]) == 1
+    assert not test_fold & {*split["train"], *split["val"], *scored}
+    assert is_supervised_complete(cfg, manifest, 0, 0)
+    assert all(t.done() for s in sweep_plan(cfg, "config.yaml") if s.name == "supervised" for t in s.tasks)
+    run_step(cfg, "supervised")
+    assert "0 supervised encoder(s) of task all trained now" in capsys.readouterr().out, "a finished one is kept"
+    unet = build_unet(cfg.model, cfg.finetune.num_classes + 1)
+    unet.encoder.load_state_dict(torch.load(where / "encoder.pt", weights_only=True))  # strict: a whole encoder
 
 
 def run_sweep(store, out, *flags, ok=True):
