@@ -31,7 +31,7 @@ from pcl_hpc.probes import check_volumes, position_probe
 from pcl_hpc.tracking import register_encoder
 
 ENCODER_FILE = "encoder.pt"
-TREND_WINDOW = 0.1  # the loss is smoothed over windows of this fraction of the logged losses
+TREND_WINDOW = 0.1  # the loss is smoothed over windows of this fraction of the run's steps
 FLAT_BELOW = 0.01  # a smoothed loss that fell by less than 1% from one window to the next is flat
 
 
@@ -58,18 +58,25 @@ def probe_volumes(cfg: Config) -> list[str]:
 
 
 def loss_trend(steps: list[int], losses: list[float]) -> dict | None:
-    """The logged loss smoothed over windows (each the last TREND_WINDOW of the logged values, at least one):
-    the last window's mean against the one before. ``{"change": relative change, "steps": steps from the
-    end of the window before to the last step, "trend": falling | flat | rising}`` (flat: a change within
-    FLAT_BELOW); None with fewer than 2 finite losses."""
+    """The logged loss smoothed over windows of steps (each TREND_WINDOW of the run's steps): the mean of
+    the losses logged in the last window against those in the window before (where either window holds
+    no logged loss, the last TREND_WINDOW of the logged values, at least one, against the ones before).
+    ``{"change": relative change, "steps": the window's length in steps, "trend": falling | flat |
+    rising}`` (flat: a change within FLAT_BELOW); None with fewer than 2 finite losses."""
     points = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
     if len(points) < 2:
         return None
-    w = max(1, int(len(points) * TREND_WINDOW))
-    last = sum(v for _, v in points[-w:]) / w
-    before = sum(v for _, v in points[-2 * w:-w]) / w
-    change = (last - before) / abs(before) if before else 0.0
-    return {"change": change, "steps": points[-1][0] - points[-w - 1][0],
+    end = points[-1][0]
+    span = end * TREND_WINDOW
+    last = [v for s, v in points if s > end - span]
+    before = [v for s, v in points if end - 2 * span < s <= end - span]
+    if not last or not before:  # too few logged losses for windows of steps: windows of logged values
+        w = max(1, int(len(points) * TREND_WINDOW))
+        last, before = [v for _, v in points[-w:]], [v for _, v in points[-2 * w:-w]]
+        span = end - points[-w - 1][0]
+    mean_last, mean_before = sum(last) / len(last), sum(before) / len(before)
+    change = (mean_last - mean_before) / abs(mean_before) if mean_before else 0.0
+    return {"change": change, "steps": round(span),
             "trend": "falling" if change < -FLAT_BELOW else "rising" if change > FLAT_BELOW else "flat"}
 
 
