@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 import torch
@@ -95,11 +96,11 @@ def launch(demo_store, out, *flags, env=None, timeout=240, expect_rc=0, **extra)
     return match.group(1), log, proc
 
 
-def launch_in_background(demo_store, out, *flags, **extra):
+def launch_in_background(demo_store, out, *flags, env=None, **extra):
     """Start the launcher; (its Popen, the job id) once sbatch answered."""
     proc = subprocess.Popen(launcher_cmd(demo_store, out, *flags, **extra), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=out, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     first = proc.stdout.readline()
     match = re.search(r"submitted pretrain as job (\d+) \(slurm\)", first)
     if not match:
@@ -185,6 +186,17 @@ def straight_run(demo_store, out, **extra):
     return out / "pretrain" / "encoder.pt"
 
 
+def beside(proc, out, make):
+    """make() (a reference run) while the launcher's job runs: for speed, the reference uses the cores the job
+    leaves idle (its start, its time waiting to be requeued); should make() fail, the job is cancelled."""
+    try:
+        return make()
+    except BaseException:
+        proc.kill()
+        _cancel_jobs_of(out)
+        raise
+
+
 def assert_same_weights(path_a, path_b):
     a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
     assert a.keys() == b.keys()
@@ -235,19 +247,34 @@ def test_slurm_preempted_job_is_requeued_and_resumes(demo_store, tmp_path):
     assert sacct_runs(job_id) == ["REQUEUED", "COMPLETED"]
 
 
-def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
-    # 4000 steps take ~135 s at ~30 steps/s: more than a 2-minute time limit, whose SIGUSR1 comes 60-90 s
-    # before the end. Each run saves at the step after the signal and requeues; the job ends by itself, at
-    # the default slurm.max_requeues (3): every interruption saved a new step, so none counts towards it,
-    # however many it takes (~2 on an idle machine, 9 or more on a busy one).
-    steps = 4000
-    extra = {"pretrain.max_steps": steps, "pretrain.log_every": 1}
-    reference = straight_run(demo_store, tmp_path / "straight", **extra)
+@pytest.fixture(scope="module")
+def straight_400(demo_store, tmp_path_factory):
+    return straight_run(demo_store, tmp_path_factory.mktemp("straight400"), **{"pretrain.max_steps": 400})
+
+
+def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path, request):
+    # The job's first run sleeps 0.25 s after each step (PCL_HPC_FAULT=slow: the numbers do not change), so
+    # its 400 steps take over 100 s, little of it CPU: longer than it takes the 2-minute time limit's SIGUSR1,
+    # sent 60-90 s before the end, to come. That run saves at the step after the signal and requeues; the
+    # requeued runs are not slowed (the fault fires in a job's first run only) and finish. The job ends by
+    # itself, at the default slurm.max_requeues (3): every interruption saved a new step, so none counts
+    # towards it. (For speed: a run slowed by sleeping, not 4000 steps of CPU; few steps are left after the
+    # signal, so the requeued run mostly ends before a signal of its own; the reference, the module's straight
+    # run shared with the scontrol-requeue test, is made while the first run sleeps.)
+    steps = 400
     out = tmp_path / "slurm"
     out.mkdir()
     start = time.monotonic()
-    job_id, log, _ = launch(demo_store, out, timeout=1200, **extra, **{
-        "slurm.time": 2, "slurm.signal_delay_s": 60})
+    proc, job_id = launch_in_background(demo_store, out, env={"PCL_HPC_FAULT": "slow:0.25"}, **{
+        "pretrain.max_steps": steps, "slurm.time": 2, "slurm.signal_delay_s": 60})
+
+    def reference_once_the_job_trains():  # its start (to the signal handlers) not slowed by the reference's
+        wait_for_steps(out, 1, proc)
+        return request.getfixturevalue("straight_400")
+
+    reference = beside(proc, out, reference_once_the_job_trains)
+    rc, out_text, err_text = finish(proc, out, timeout=900)
+    assert rc == 0, (out_text + err_text)[-4000:]
     wall = time.monotonic() - start
     job = slurm_job(job_id)
     runs = sacct_runs(job_id)
@@ -265,15 +292,10 @@ def test_time_limit_requeues_until_done_bit_identical(demo_store, tmp_path):
     assert_each_step_once(out, steps)
 
 
-@pytest.fixture(scope="module")
-def straight_900(demo_store, tmp_path_factory):
-    return straight_run(demo_store, tmp_path_factory.mktemp("straight900"), **{"pretrain.max_steps": 900})
-
-
-def test_external_scontrol_requeue_resumes_bit_identical(demo_store, tmp_path, straight_900):
+def test_external_scontrol_requeue_resumes_bit_identical(demo_store, tmp_path, straight_400):
     # `scontrol requeue` sends SIGTERM to every task and requeues the job itself: both ranks save at the
     # same step; rank 0 sees the restart count went up and does not requeue again (exactly one restart).
-    proc, job_id = launch_in_background(demo_store, tmp_path, "--time", "10", **{"pretrain.max_steps": 900})
+    proc, job_id = launch_in_background(demo_store, tmp_path, "--time", "10", **{"pretrain.max_steps": 400})
     wait_for_steps(tmp_path, 100, proc)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
     rc, out_text, err_text = finish(proc, tmp_path, timeout=300)
@@ -285,18 +307,20 @@ def test_external_scontrol_requeue_resumes_bit_identical(demo_store, tmp_path, s
     assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) == 1 + lost, job
     assert "after SIGTERM" in log0 and f"job {job_id} is being requeued by SLURM" in log0, log0[-3000:]
     assert "resuming from" in log0, log0[-3000:]
-    assert_same_weights(tmp_path / "pretrain" / "encoder.pt", straight_900)
-    assert_each_step_once(tmp_path, 900)
+    assert_same_weights(tmp_path / "pretrain" / "encoder.pt", straight_400)
+    assert_each_step_once(tmp_path, 400)
 
 
 def test_a_rank_that_dies_is_survived_bit_identical(demo_store, tmp_path):
     # rank 1 exits hard after step 60 (like a crash, an OOM kill or a lost node); rank 0's next collective
     # fails, it requeues the job, which resumes from its step-50 checkpoint and ends as if nothing happened
     extra = {"pretrain.max_steps": 120, "checkpoint.every_steps": 50}
-    reference = straight_run(demo_store, tmp_path / "straight", **extra)
     out = tmp_path / "slurm"
     out.mkdir()
-    job_id, _, _ = launch(demo_store, out, "--time", "10", env={"PCL_HPC_FAULT": "kill:60:1"}, **extra)
+    proc, job_id = launch_in_background(demo_store, out, "--time", "10", env={"PCL_HPC_FAULT": "kill:60:1"}, **extra)
+    reference = beside(proc, out, lambda: straight_run(demo_store, tmp_path / "straight", **extra))
+    rc, out_text, err_text = finish(proc, out, timeout=240)
+    assert rc == 0, (out_text + err_text)[-4000:]
     job = slurm_job(job_id)
     print(f"lost-rank job {job_id}: {job['Restarts']} restart(s); sacct: {sacct_runs(job_id)}")
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
@@ -317,7 +341,10 @@ def test_cancelled_job_stays_cancelled(demo_store, tmp_path):
     assert rc == REQUEUE_EXIT_CODE and len(lines) == 1, out_text + err_text
     assert f"job {job_id} ended CANCELLED" in lines[0] and "continue with:" in lines[0], lines[0]
     assert "checkpoints/step_" in lines[0] and "logs:" in lines[0], lines[0]
-    time.sleep(10)  # longer than a requeued job's hold (cred_expire + 1 s) and a scheduling pass
+    # until 10 s after the job ended (for speed: counted from its end, as the launcher already waited for most
+    # of them): longer than a requeued job's hold (cred_expire + 1 s) and a scheduling pass
+    ended = datetime.fromisoformat(slurm_job(job_id, wait_s=0)["EndTime"]).timestamp()
+    time.sleep(max(0.0, ended + 11 - time.time()))  # EndTime is whole seconds
     job = slurm_job(job_id, wait_s=0)
     assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", job
     assert job_id not in queued()
