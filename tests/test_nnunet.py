@@ -84,6 +84,7 @@ def test_the_store_holds_nnunets_own_slices(nnunet_data):
     mni = [v for v in manifest["volumes"] if v["id"] == "mni152"][0]
     assert not mni["labeled"]
     assert manifest["settings"]["plans_sha256"] == plan.sha256
+    assert manifest["class_names"] == ["background", "cortex", "white_matter", "deep_grey"]  # background first
 
 
 def _fit(array: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
@@ -125,7 +126,8 @@ def test_sweep_with_nnunet_as_the_trainer_and_nnunet_loads_the_export(nnunet_dat
     assert "pretrain done: 3 steps on 2 process(es)" in done.stdout
     rows = (out / "sweep" / "results.csv").read_text().splitlines()
     assert {r.split(",")[1] for r in rows[1:]} == {"random", "pcl"} and len(rows) == 1 + 2 * 2  # 2 cells x 2 volumes
-    assert "Paired comparison against random" in (out / "sweep" / "summary.md").read_text()
+    summary = (out / "sweep" / "summary.md").read_text()
+    assert "Paired comparison against random" in summary and "classes: cortex, white_matter, deep_grey" in summary
     cfg = load_config(config_file, overrides)
     manifest = read_manifest(cfg.data.store)
     assert all(is_cell_complete(cfg, c, manifest) for c in plan_cells(cfg, manifest))  # never rerun

@@ -34,12 +34,13 @@ def settings(cfg: Config, plan: Plan) -> dict:
     return {"version": VERSION, "layout": "nnunet", "plans_sha256": plan.sha256, "dataset_name": plan.dataset_name,
             "configuration": plan.configuration, "patch_size": list(plan.patch_size),
             "gcl_partitions": int(cfg.data.gcl_partitions), "compressor": cfg.data.compressor,
-            "num_classes": len(_class_names(plan)) or None}
+            "num_classes": len(_class_names(plan)) - 1 or None}
 
 
 def _class_names(plan: Plan) -> list[str]:
-    labels = plan.dataset_json.get("labels", {})
-    return [name for name, value in sorted(labels.items(), key=lambda kv: kv[1]) if value != 0 and isinstance(value, int)]
+    """dataset.json's label names by value, background first (as every store's manifest lists them)."""
+    labels = {name: value for name, value in plan.dataset_json.get("labels", {}).items() if isinstance(value, int)}
+    return sorted(labels, key=labels.get)
 
 
 def _attrs(image: np.ndarray, spacing_z: float, plan: Plan, source_sha: str, settings_sha: str, labeled: bool,
