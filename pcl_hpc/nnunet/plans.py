@@ -139,11 +139,13 @@ def describe_state(state: dict[str, Any]) -> dict[str, Any]:
             stages.setdefault(int(parts[1]), []).append(name)
     convs = {i: [k for k in names if k.endswith("conv.weight") and state[k].dim() == 4] for i, names in stages.items()}
     first = [convs[i][0] for i in sorted(convs) if convs[i]]
+    entry = "stem.convs.0.conv.weight" if "stem.convs.0.conv.weight" in state else (first[0] if first else None)
     return {
+        "encoder": "residual" if any(".blocks." in k for k in state) else "plain",  # ResEnc presets: residual
         "stages": len(stages),
         "features": [int(state[k].shape[0]) for k in first],
         "kernel sizes": [list(state[k].shape[2:]) for k in first],
-        "input channels": int(state[first[0]].shape[1]) if first else None,
+        "input channels": int(state[entry].shape[1]) if entry else None,
         "norm": "batch norm" if any(k.endswith("running_mean") for k in state) else "instance norm",
     }
 
