@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +42,18 @@ class Plan:
     dataset_json: dict
     sha256: str  # of the plans file's bytes
 
-    @property
-    def config(self) -> dict:
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-        return PlansManager(self.plans).get_configuration(self.configuration).configuration
-
-    @property
+    @cached_property
     def manager(self):
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         return PlansManager(self.plans)
 
-    @property
+    @cached_property
     def configuration_manager(self):
         return self.manager.get_configuration(self.configuration)
+
+    @property
+    def config(self) -> dict:
+        return self.configuration_manager.configuration
 
     @property
     def dataset_name(self) -> str:
