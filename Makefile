@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-nnunet test test-fast install clean
+.PHONY: demo demo-nnunet experiment test test-fast install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/pcl-hpc demo --config configs/demo.yaml --out outputs/demo
+
+experiment: $(STAMP)  # the demo's protocol with the power to answer: 9 pairs at M = 1, both modes, a positive control (1.5-2 h)
+	$(VENV)/bin/pcl-hpc demo --config configs/experiment.yaml --out outputs/experiment
 
 demo-nnunet: $(STAMP)  # the demo's protocol with nnU-Net as the fine-tuning trainer (longer than make demo)
 	$(VENV)/bin/pcl-hpc demo --config configs/demo_nnunet.yaml --out outputs/demo_nnunet

@@ -163,6 +163,7 @@ class SweepConfig:
     trainer: str = one_of("pcl-hpc", "nnunet")  # who fine-tunes a cell: pcl-hpc (finetune) | nnunet (nnU-Net's stock trainer on model.plans; needs model.arch=nnunet)
     nnunet_epochs: int = bounded(20, ge=1)  # trainer=nnunet: nnU-Net epochs per cell (its stock 1000 x 250 iterations are days on a CPU)
     nnunet_iterations: int = bounded(50, ge=1)  # trainer=nnunet: training iterations per epoch
+    supervised_epochs: int = bounded(0, ge=0)  # the positive control's fine-tuning epochs (it trains on every volume outside the test fold, so each epoch is longer than a cell's); 0 = finetune.epochs
 
 
 @dataclass

@@ -262,6 +262,7 @@ def supervised_stage(cfg: Config, fold: int, seed: int, split: dict, parent_run_
     f = run.finetune
     f.train_volumes, f.val_volumes, f.test_volumes = split["train"], split["val"], split["val"]
     f.encoder, f.mode = "", "full"  # from random init, encoder and decoder trained
+    f.epochs = cfg.sweep.supervised_epochs or f.epochs
     run.tracking.run_name = f"{SUPERVISED}_f{fold}_s{seed}"
     tags = {"supervised_encoder": f"f{fold}_s{seed}", "fold": fold, "seed": seed, "split_hash": split_hash(split)}
     if parent_run_id:

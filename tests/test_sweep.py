@@ -73,7 +73,7 @@ def test_modes_name_the_cells_set_their_config_and_rows(demo_store, tmp_path):
 
 
 def test_supervised_split_holds_every_labeled_volume_but_the_test_fold(demo_store, tmp_path):
-    from pcl_hpc.sweep import plan_cells, supervised_folder, supervised_split, sweep_plan
+    from pcl_hpc.sweep import plan_cells, supervised_folder, supervised_split, supervised_stage, sweep_plan
 
     manifest = read_manifest(demo_store)
     for fold in range(3):
@@ -91,6 +91,10 @@ def test_supervised_split_holds_every_labeled_volume_but_the_test_fold(demo_stor
     assert steps["supervised"].after == [] and steps["cells"].after == ["register", "supervised"]
     assert [t.cells for t in steps["supervised"].tasks] == [["f0_s0"], ["f1_s0"]]
     assert "supervised" not in {s.name for s in sweep_plan(sweep_config(demo_store, tmp_path), "config.yaml")}
+    split = supervised_split(manifest, 0, 0, 2)
+    assert supervised_stage(cfg, 0, 0, split).section.epochs == cfg.finetune.epochs, "by default, a cell's epochs"
+    cfg.sweep.supervised_epochs = 3
+    assert supervised_stage(cfg, 0, 0, split).section.epochs == 3 and cfg.finetune.epochs != 3
 
 
 @pytest.mark.slow  # 10 to 22 s here under load (a fine-tuning, MLflow's first database)
