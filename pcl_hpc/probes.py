@@ -3,7 +3,7 @@
 * :func:`position_probe`: every slice of some volumes is encoded as training sees it (centre-fit to
   the patch), the deepest feature map average-pooled, and a ridge regression maps those features to
   the slice's position (i+1)/Z. The fit is grouped by volume (k-fold over volumes): each volume is
-  predicted by a fit that never saw it. R² near 1: the features say where a slice lies in its
+  predicted by a fit that never saw it, with a penalty chosen by volume too, clipped to [0, 1]. R² near 1: the features say where a slice lies in its
   volume; near 0 (or below): they do not. One forward pass over the volumes, then a small linear fit.
 * :func:`segmentation_probe`: a decoder trained for a fixed number of steps on the frozen encoder with
   a few labeled volumes, scored by Dice on others: far less variance than full fine-tuning.
@@ -30,7 +30,7 @@ from pcl_hpc.losses import segmentation_loss
 from pcl_hpc.models.unet import UNet, pool_features
 
 POSITION_FOLDS = 5  # the position probe's k-fold over volumes (fewer volumes: leave one volume out)
-RIDGE_ALPHAS = np.logspace(-3, 3, 13)  # ridge penalties RidgeCV picks from (on standardised features)
+RIDGE_ALPHAS = np.logspace(0, 4, 9)  # ridge penalties the grouped inner cross-validation picks from (standardised features)
 
 
 @contextlib.contextmanager
@@ -83,21 +83,43 @@ def encode_slices(encoder: nn.Module, store: str, volumes: list[str], patch: int
     return np.concatenate(features), np.concatenate(positions), np.concatenate(groups)
 
 
-def position_scores(features: np.ndarray, positions: np.ndarray, groups: np.ndarray,
-                    folds: int = POSITION_FOLDS) -> dict[str, float]:
-    """R² and mean absolute error of ridge predictions of ``positions`` from ``features``, each group
-    (volume) predicted by a fit on the other groups (standardised features, RidgeCV's penalty)."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import mean_absolute_error, r2_score
-    from sklearn.model_selection import GroupKFold
+def _ridge(alpha: float):
+    from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
+
+
+def _grouped_predictions(features: np.ndarray, positions: np.ndarray, groups: np.ndarray, folds: int,
+                         fit) -> np.ndarray:
+    """Each group's positions predicted by ``fit(features, positions, groups)`` on the other groups, in [0, 1]."""
+    from sklearn.model_selection import GroupKFold
+
     predicted = np.empty(len(positions), dtype=np.float64)
-    splits = GroupKFold(n_splits=min(folds, len(np.unique(groups))))
-    for fit, held_out in splits.split(features, positions, groups):
-        model = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS)).fit(features[fit], positions[fit])
-        predicted[held_out] = model.predict(features[held_out])
+    for train, held_out in GroupKFold(n_splits=min(folds, len(np.unique(groups)))).split(features, positions, groups):
+        predicted[held_out] = fit(features[train], positions[train], groups[train]).predict(features[held_out])
+    return np.clip(predicted, 0.0, 1.0)  # a position lies in [0, 1]: a prediction outside is that bound's error
+
+
+def _fit_by_volume(features: np.ndarray, positions: np.ndarray, groups: np.ndarray):
+    """A ridge fit whose penalty is chosen by a grouped cross-validation inside the training volumes: slices of
+    one volume are near-copies of each other, so leave-one-slice-out choices overfit and extrapolate badly."""
+    if len(np.unique(groups)) < 2:
+        return _ridge(RIDGE_ALPHAS[len(RIDGE_ALPHAS) // 2]).fit(features, positions)
+    errors = [np.mean((_grouped_predictions(features, positions, groups, POSITION_FOLDS,
+                                            lambda x, y, _g, a=alpha: _ridge(a).fit(x, y)) - positions) ** 2)
+              for alpha in RIDGE_ALPHAS]
+    return _ridge(RIDGE_ALPHAS[int(np.argmin(errors))]).fit(features, positions)
+
+
+def position_scores(features: np.ndarray, positions: np.ndarray, groups: np.ndarray,
+                    folds: int = POSITION_FOLDS) -> dict[str, float]:
+    """R² and mean absolute error of ridge predictions of ``positions`` from ``features`` (standardised), each
+    group (volume) predicted by a fit on the other groups, its penalty chosen by volume inside them."""
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    predicted = _grouped_predictions(features, positions, groups, folds, _fit_by_volume)
     return {"position_r2": float(r2_score(positions, predicted)),
             "position_mae": float(mean_absolute_error(positions, predicted))}
 
