@@ -125,6 +125,8 @@ class PretrainConfig:
     log_every: int = bounded(10, ge=1)
     probe_every: int = bounded(0, ge=0)  # every this many steps and at the last, rank 0 runs the position probe (pcl_hpc/probes.py) on probe_volumes and logs probe/position_r2, probe/position_mae; 0 = off
     probe_volumes: list[str] = field(default_factory=list)  # the position probe's volumes (>= 2; best held out of pretraining); [] = exclude_volumes
+    plateau_probes: int = bounded(0, ge=0)  # > 0: stop early once the position probe's R^2 has not beaten its best before by plateau_delta for this many probes in a row (needs probe_every); 0 = always the configured length
+    plateau_delta: float = bounded(0.01, ge=0)  # the R^2 gain that counts as still improving
 
 
 @dataclass

@@ -202,3 +202,65 @@ def test_frozen_finetuning_leaves_the_encoder_bit_identical(probed_pretraining):
         assert all(torch.equal(model[f"encoder.{k}"], encoder[k]) for k in encoder)  # BN statistics too
     decoder_stats = [v for k, v in model.items() if k.startswith("up.") and k.endswith("running_mean")]
     assert decoder_stats and any(v.abs().sum() > 0 for v in decoder_stats)  # the decoder did train
+
+
+def test_plateaued_means_no_recent_probe_beat_the_best_before_by_delta():
+    from pcl_hpc.train.pretrain import plateaued
+
+    assert not plateaued([0.1, 0.2], 2, 0.01), "too few probes to judge"
+    assert plateaued([0.1, 0.5, 0.505, 0.502], 2, 0.01) and not plateaued([0.1, 0.5, 0.505, 0.52], 2, 0.01)
+    assert plateaued([0.6, 0.5, 0.4], 2, 0.0), "falling is a plateau too"
+    assert not plateaued([0.1, 0.2, 0.3], 0, 0.01), "0: never"
+
+
+def test_plateau_probes_needs_the_probe_one_line_naming_the_keys():
+    from pcl_hpc.train.pretrain import probe_volumes
+
+    with pytest.raises(UserError, match=r"^pretrain.plateau_probes=3 .* set pretrain.probe_every"):
+        probe_volumes(load_config(None, ["pretrain.plateau_probes=3", "pretrain.exclude_volumes=[a, b]"]))
+
+
+@pytest.mark.slow  # two torchrun groups of 2 gloo processes (about 30 s here)
+def test_a_plateau_stops_every_rank_at_the_same_probe_and_survives_a_kill_between_checkpoints(demo_store, tmp_path):
+    """Probes every 2 steps of 20, pretrain.plateau_probes=2 with a gain no probe reaches (10): the run stops at
+    the third probe, step 6. Rank 1 dies after step 5 (between the checkpoints of steps 4 and 6): torchrun
+    restarts both ranks from step 4; the history in metrics.jsonl (cut back to step 4) still stops them at 6.
+    Run again without its encoder: it resumes from step 6 and trains no further."""
+    import os
+    import subprocess
+    import sys
+
+    from pcl_hpc.engine.checkpoint import latest_checkpoint
+
+    out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def pretrain(env):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               "-m", "pcl_hpc", "pretrain", "--config", str(REPO / "configs" / "demo.yaml"),
+               f"data.store={demo_store}", "data.patch=32", f"output_dir={out}", "model.width=4",
+               "model.projection_dim=32", "pretrain.max_steps=20", "pretrain.batch_size=4", "pretrain.log_every=1",
+               "pretrain.probe_every=2", "pretrain.plateau_probes=2", "pretrain.plateau_delta=10",
+               "pretrain.exclude_volumes=[dk05, dk06]", "checkpoint.every_steps=2", f"tracking.uri={db}",
+               "tracking.register_name=plateau-test", "engine.precision=fp32"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+                                   **env})
+
+    first = pretrain({"PCL_HPC_FAULT": "kill:5:1"})
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "PCL_HPC_FAULT: rank 1 exits hard after step 5" in first.stdout + first.stderr
+    assert "stopped early at step 6 of 20" in first.stdout
+    logged = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 7)), "each step once, none after the stop"
+    assert [r["step"] for r in logged if "probe/position_r2" in r] == [2, 4, 6]
+    assert latest_checkpoint(out / "pretrain").name == f"step_{6:09d}"
+    mlflow.set_tracking_uri(db)
+    assert mlflow.MlflowClient().get_model_version("plateau-test", "1").tags["stopped_early"] == "step 6 of 20"
+
+    (out / "pretrain" / "encoder.pt").unlink()
+    (out / "pretrain" / "complete.json").unlink()
+    again = pretrain({})
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "(step 6)" in again.stdout and "stopped early at step 6 of 20" in again.stdout
+    assert [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, 7)), "the resumed run trained no further step"

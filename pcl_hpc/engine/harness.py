@@ -75,6 +75,7 @@ class TrainState:
     best_score: float = -1.0  # best end-of-epoch validation score (fine-tuning's model selection)
     run_id: str | None = None  # the tracking run, continued on resume
     schedule_steps: int = 0  # length of the LR schedule this run was started with
+    stopped_early: bool = False  # the stage ended the run before its last step (Stage.stop_early)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +119,11 @@ class Stage:
         """After every optimizer step, on every rank: None when nothing is due at this step (the same answer on
         every rank), else metrics to log with it (e.g. a probe; may be {} on ranks that do not compute it)."""
         return None
+
+    def stop_early(self, h: "Harness", periodic: dict[str, float]) -> bool:
+        """After a step whose periodic() was due, on every rank: True ends the run at this step as if it were
+        the last (saved, exported; a resume from it does not train on). The same answer on every rank."""
+        return False
 
     def log_now(self, step: int, last: bool, ended_epoch: int | None) -> tuple[bool, bool]:
         """(log, print) this step: by default every ``log_every`` steps, the first and the last."""
@@ -331,7 +337,7 @@ def fit(h: Harness) -> None:
     stage, st, s, guard, strategy = h.stage, h.state, h.stage.section, h.guard, h.strategy
     every, speed, epoch_seen = h.cfg.checkpoint.every_steps, Throughput(), None
     for epoch, batch in resumable_batches(h.loader, h.sampler, s.batch_size, st.micro):
-        if st.step >= h.total_steps:
+        if st.step >= h.total_steps or st.stopped_early:
             break
         if epoch != epoch_seen:
             stage.begin_epoch(h, epoch)
@@ -352,6 +358,8 @@ def fit(h: Harness) -> None:
         last = st.step == h.total_steps
         probe_start = time.perf_counter()
         periodic = stage.periodic(h, last)
+        if periodic is not None and not last and stage.stop_early(h, periodic):
+            st.stopped_early = last = True
         speed.exclude(time.perf_counter() - probe_start)
         log, echo = stage.log_now(st.step, last, st.micro // h.per_epoch - 1 if ended else None)
         if log or periodic is not None:

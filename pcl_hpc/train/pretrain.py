@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pcl_hpc import dist
 from pcl_hpc.atomic import save_torch, write_text
 from pcl_hpc.config import Config
 from pcl_hpc.data.augment import BatchAugment, augment_in_workers
@@ -33,6 +34,7 @@ from pcl_hpc.tracking import register_encoder
 ENCODER_FILE = "encoder.pt"
 TREND_WINDOW = 0.1  # the loss is smoothed over windows of this fraction of the run's steps
 FLAT_BELOW = 0.01  # a smoothed loss that fell by less than 1% from one window to the next is flat
+PROBE_R2 = "probe/position_r2"  # the metric pretrain.plateau_probes watches
 
 
 def pretrain_volumes(cfg: Config) -> list[str]:
@@ -47,9 +49,12 @@ def pretrain_volumes(cfg: Config) -> list[str]:
 def probe_volumes(cfg: Config) -> list[str]:
     """The position probe's volumes: pretrain.probe_volumes, else the held-out pretrain.exclude_volumes; [] when off."""
     p = cfg.pretrain
-    if not p.probe_every:
+    if not p.probe_every and not p.plateau_probes:
         return []
     chosen = p.probe_volumes or p.exclude_volumes
+    if p.plateau_probes and not p.probe_every:
+        raise UserError(f"pretrain.plateau_probes={p.plateau_probes} stops on the position probe's plateau: set "
+                        f"pretrain.probe_every (e.g. 250) or pretrain.plateau_probes=0")
     if len(set(chosen)) < 2:
         raise UserError(f"pretrain.probe_every={p.probe_every} needs pretrain.probe_volumes: name at least 2 "
                         f"volumes (best held out of pretraining: also in pretrain.exclude_volumes), or set "
@@ -82,14 +87,27 @@ def loss_trend(steps: list[int], losses: list[float]) -> dict | None:
 
 def convergence(metrics_file: Path) -> str:
     """One phrase on the loss's trend, from the stage's metrics.jsonl."""
-    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
-    logged = [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
-    trend = loss_trend([s for s, _ in logged], [v for _, v in logged])
+    losses = logged(metrics_file, "loss")
+    trend = loss_trend([s for s, _ in losses], [v for _, v in losses])
     if trend is None:
         return "too few logged losses to judge convergence (lower pretrain.log_every)"
     change = f"{trend['change']:+.1%} over the last {trend['steps']} steps"
     return {"falling": f"loss still falling: {change}; train longer", "flat": f"loss flat ({change})",
             "rising": f"loss rising: {change}"}[trend["trend"]]
+
+
+def plateaued(scores: list[float], probes: int, delta: float) -> bool:
+    """True when none of the last ``probes`` scores beat the best score before them by ``delta`` or more."""
+    if probes < 1 or len(scores) <= probes:
+        return False
+    return max(scores[-probes:]) < max(scores[:-probes]) + delta
+
+
+def logged(metrics_file: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every line of a stage's metrics.jsonl that holds ``key`` (after a resume the file holds
+    the lines up to the checkpoint's step: the history of the run that goes on)."""
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    return [(r["step"], r[key]) for r in map(json.loads, filter(str.strip, lines)) if key in r]
 
 
 def with_sync_batchnorm(model: torch.nn.Module, enabled: bool, env) -> torch.nn.Module:
@@ -158,6 +176,15 @@ class Pretrain(Stage):
         self.probed = {f"probe/{k}": v for k, v in scores.items()}
         return self.probed
 
+    def stop_early(self, h: Harness, periodic: dict) -> bool:
+        """With pretrain.plateau_probes: rank 0 judges the probe's R^2 history (metrics.jsonl, this step's
+        probe last) and every rank gets its answer."""
+        p = self.cfg.pretrain
+        if not p.plateau_probes:
+            return False
+        history = [v for _, v in logged(self.folder / METRICS_FILE, PROBE_R2)] + [periodic.get(PROBE_R2, math.nan)]
+        return dist.any_rank(h.env.is_main and plateaued(history, p.plateau_probes, p.plateau_delta)) >= 0
+
     def tracking(self, h: Harness):
         return self.cfg.tracking.run_name or f"pretrain-{self.cfg.loss.method}", {"method": self.cfg.loss.method}
 
@@ -180,11 +207,15 @@ class Pretrain(Stage):
         version = register_encoder(state, cfg.model, cfg.tracking.register_name, cfg.tracking.alias, tags={
             "method": cfg.loss.method, "dataset": Path(cfg.data.store).stem, "steps": h.state.step,
             "store_hash": h.manifest.get("content_hash", ""), "epochs": round(h.state.micro / h.per_epoch, 2),
-            "global_batch": h.global_batch, **nnunet_network.arch_tags(nnunet), "convergence": trend, **probe_tags},
+            "global_batch": h.global_batch, **nnunet_network.arch_tags(nnunet), "convergence": trend, **probe_tags,
+            **({"stopped_early": f"step {h.state.step} of {h.total_steps}"} if h.state.stopped_early else {})},
             run_id=h.tracker.run_id)
         registered = (f"registered models:/{cfg.tracking.register_name}@{cfg.tracking.alias} (version {version})"
                       if version else f"NOT registered (tracking unreachable; see {self.folder / 'metrics_fallback.jsonl'})")
         probe_text = "".join(f"; {k} {v:.3f}" for k, v in self.probed.items())
+        if h.state.stopped_early:
+            probe_text += (f"; stopped early at step {h.state.step} of {h.total_steps}: the position probe's R^2 gained "
+                           f"less than {cfg.pretrain.plateau_delta} over its last {cfg.pretrain.plateau_probes} probes")
         print(f"pretrain done: {h.state.step} steps on {h.env.world_size} process(es); {trend}{probe_text}; "
               f"encoder {path}; {registered}", flush=True)
         return path
