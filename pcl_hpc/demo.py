@@ -6,7 +6,7 @@ every cell (from scratch = ``random``).
 
 demo volumes -> Zarr store -> the sweep (`pcl_hpc.sweep`): PCL, GCL and SimCLR pretrained briefly
 with 2 processes each (torchrun, gloo) and registered in MLflow, then fine-tuned with random init
-beside them at M = 1 and 2 labeled subjects over the folds of ``sweep.folds`` -> results.csv,
+beside them at the M labeled subjects of ``sweep.labeled`` over the folds of ``sweep.folds`` -> results.csv,
 summary.md (mean ± std, paired differences against random init) and label_efficiency.png.
 
 Pretraining sees every subject's image without its label, DEMO_VARIANTS unlabeled brain-cropped
@@ -53,6 +53,29 @@ def _nnunet_store(cfg, config_path: str, out_dir: Path, overrides: list[str]):
     return cfg
 
 
+def pretraining_report(cfg, methods: list[str]) -> str:
+    """Per method: its pretraining's loss trend and position-probe curve, then one plain sentence on whether the
+    encoders are still under-trained (a loss still falling at the last step) and what that means for the table."""
+    from pcl_hpc.engine.harness import METRICS_FILE
+    from pcl_hpc.train.pretrain import PROBE_R2, convergence, logged
+
+    lines, falling = [], []
+    for method in methods:
+        metrics = Path(cfg.output_dir) / "pretrain" / method / METRICS_FILE
+        trend, probes = convergence(metrics), logged(metrics, PROBE_R2)
+        curve = "; position probe R^2 " + " -> ".join(f"{v:.2f}" for _, v in probes) + \
+            f" (steps {probes[0][0]}..{probes[-1][0]})" if probes else ""
+        lines.append(f"  {method}: {trend}{curve}")
+        if trend.startswith("loss still falling"):
+            falling.append(method)
+    steps = cfg.pretrain.max_steps or f"{cfg.pretrain.epochs} epochs"
+    verdict = (f"The {', '.join(falling)} encoder(s) are UNDER-TRAINED at {steps} steps (loss still falling): this "
+               f"table shows that the pipeline runs, not what pretraining is worth. `make experiment` pretrains "
+               f"longer, watched by the probe, with enough pairs to compare." if falling else
+               f"Every encoder's loss is flat at {steps} steps.")
+    return "pretraining:\n" + "\n".join(lines) + "\n" + verdict
+
+
 def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
     from pcl_hpc.sweep import sweep
 
@@ -78,9 +101,12 @@ def run_demo(config_path: str, out: str, overrides: list[str]) -> None:
 
     s = cfg.sweep
     print(f"[3/3] sweep: pretrain {', '.join(s.pretrain)} ({s.pretrain_processes} processes each), then fine-tune "
-          f"{', '.join(['random', *s.pretrain])} at M = {s.labeled} on folds {s.folds} x seeds {s.seeds}", flush=True)
+          f"{', '.join(dict.fromkeys([*s.encoders, *s.pretrain]))} ({', '.join(s.modes)}) at M = {s.labeled} on folds "
+          f"{s.folds} x seeds {s.seeds}", flush=True)
     sweep(cfg)
     sweep_dir = out_dir / "sweep"
+    if s.pretrain:
+        print(pretraining_report(cfg, s.pretrain), flush=True)
     print(f"demo finished in {(time.time() - start) / 60:.1f} min. Outputs: {out_dir}\n"
           f"  summary:    {sweep_dir / 'summary.md'}\n"
           f"  plot:       {sweep_dir / 'label_efficiency.png'}\n"

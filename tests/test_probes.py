@@ -264,3 +264,22 @@ def test_a_plateau_stops_every_rank_at_the_same_probe_and_survives_a_kill_betwee
     assert "(step 6)" in again.stdout and "stopped early at step 6 of 20" in again.stdout
     assert [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, 7)), "the resumed run trained no further step"
+
+
+def test_the_demo_says_plainly_when_its_encoders_are_under_trained(tmp_path):
+    from pcl_hpc.demo import pretraining_report
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"output_dir={tmp_path}"])
+    for method, losses in (("pcl", [5.0 - 0.1 * i for i in range(20)]), ("gcl", [5.0, 4.0] + [3.0] * 18)):
+        folder = tmp_path / "pretrain" / method
+        folder.mkdir(parents=True)
+        rows = [{"step": 15 * (i + 1), "loss": v, **({"probe/position_r2": i / 50} if i % 10 == 9 else {})}
+                for i, v in enumerate(losses)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = pretraining_report(cfg, ["pcl", "gcl"])
+    assert "pcl: loss still falling" in report and "position probe R^2 0.18 -> 0.38 (steps 150..300)" in report
+    assert "gcl: loss flat" in report
+    assert "The pcl encoder(s) are UNDER-TRAINED at 300 steps" in report
+    (tmp_path / "pretrain" / "pcl" / "metrics.jsonl").write_text(
+        (tmp_path / "pretrain" / "gcl" / "metrics.jsonl").read_text())
+    assert pretraining_report(cfg, ["pcl", "gcl"]).endswith("Every encoder's loss is flat at 300 steps.")
