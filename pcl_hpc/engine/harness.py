@@ -220,6 +220,10 @@ class Harness:
         self.per_epoch = len(self.loader)  # micro-batches per epoch
         self.total_steps = s.max_steps or max(1, s.epochs * self.per_epoch // self.accum)
         self.state.schedule_steps = s.schedule_steps or self.total_steps
+        if self.env.is_main:
+            per_epoch = max(1, self.per_epoch // self.accum)
+            print(f"{stage.name}: {self.total_steps} steps = {self.total_steps / per_epoch:.1f} epochs of {len(dataset)} "
+                  f"slices ({per_epoch} steps of {self.global_batch} per epoch)", flush=True)
         if self.total_steps > self.state.schedule_steps and self.env.is_main:
             print(f"warning: {stage.name} runs {self.total_steps} steps but its LR schedule ends at step "
                   f"{self.state.schedule_steps} ({stage.name}.schedule_steps): the steps after it run at lr 0", flush=True)
