@@ -17,7 +17,7 @@ its test volumes (HD95: over the volumes that have one), and the tables show mea
 (ddof=1) over the cells of each method × M, i.e. over folds × seeds.
 
 Sums use :func:`math.fsum` and groups are sorted, so the same rows in any order give byte-identical
-text. matplotlib is imported only inside :func:`plot_label_efficiency`.
+text. matplotlib is imported only inside the plot functions.
 """
 
 from __future__ import annotations
@@ -463,6 +463,48 @@ def plot_label_efficiency(rows: Iterable[Mapping], path: str | Path, baseline: s
     ax.set_title("Label efficiency")
     ax.grid(True, alpha=0.3)
     ax.legend(title="encoder")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    return path
+
+
+def plot_paired_differences(rows: Iterable[Mapping], path: str | Path, baseline: str = "random") -> Path | None:
+    """A 640×480 PNG, written atomically: per mode (a panel each), every method's mean paired Dice difference
+    against ``baseline`` (matched cells, every M pooled) with its 95% t-interval as a bar, and a line at 0: the
+    answer of the paired comparison at a glance, also where the sweep has a single M. None (nothing written)
+    without the baseline or another method to compare with it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cells = _cells(rows, [])
+    modes = [m for m in _modes(cells) if baseline in {c["encoder"] for c in cells if c["mode"] == m}]
+    panels = []
+    for mode in modes:
+        of_mode = [c for c in cells if c["mode"] == mode]
+        found = [(meth, paired_stats(_paired(of_mode, meth, baseline, None))) for meth in _methods(of_mode, baseline)[1:]]
+        if found := [(meth, st) for meth, st in found if st["n"]]:
+            panels.append((mode, found))
+    if not panels:
+        return None
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), sharey=False, squeeze=False)[0]
+    for ax, (mode, found) in zip(axes, panels):
+        for y, (meth, st) in enumerate(reversed(found)):
+            lo, hi = st["ci"] if st["ci"] is not None else (st["mean"], st["mean"])
+            ax.errorbar([st["mean"]], [y], xerr=[[st["mean"] - lo], [hi - st["mean"]]], fmt="o", capsize=4,
+                        color=f"C{_methods(cells, baseline).index(meth)}")
+            ax.annotate(f"n={st['n']}", (hi, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axvline(0.0, color="grey", linewidth=1)
+        ax.set_yticks(range(len(found)))
+        ax.set_yticklabels([m for m, _ in reversed(found)])
+        ax.set_ylim(-0.6, len(found) - 0.4)
+        ax.set_title(f"{mode}" if len(panels) > 1 else f"{mode} fine-tuning")
+        ax.set_xlabel(f"Dice − {baseline} (95% CI)")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"Paired differences against {baseline} (matched cells, every M)")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

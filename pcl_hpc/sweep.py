@@ -25,8 +25,9 @@ Cells are encoder x mode x M x fold x seed:
   encoder of that fold's ``supervised`` cells. It never sees a test-fold volume (asserted).
 
 Outputs in ``<output_dir>/sweep/``: ``results.csv`` (one row per test volume x cell: Dice and HD95 in mm
-per class), ``summary.md`` (mean ± std over folds x seeds, paired differences against random init)
-and ``label_efficiency.png``. MLflow: a parent run ``sweep`` with a nested child run per cell.
+per class), ``summary.md`` (mean ± std over folds x seeds, paired differences against random init),
+``label_efficiency.png`` and ``paired_differences.png`` (each method against random init, per mode, with
+its 95% CI). MLflow: a parent run ``sweep`` with a nested child run per cell.
 
 The plan (:func:`sweep_plan`, see ``pcl_hpc/plan.py``): ``pretrain-<method>`` per method, ``register``
 (the parent tracking run, each encoder in the registry), ``supervised`` (the positive control's
@@ -557,8 +558,9 @@ def sweep(cfg: Config) -> str:
 
 
 def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, tracker) -> str:
-    """results.csv, summary.md and label_efficiency.png from the finished cells; logged to the parent run."""
-    from pcl_hpc.summary import plot_label_efficiency, summarize, write_results_csv
+    """results.csv, summary.md, label_efficiency.png and paired_differences.png from the finished cells; logged to
+    the parent run."""
+    from pcl_hpc.summary import plot_label_efficiency, plot_paired_differences, summarize, write_results_csv
 
     out = folder(cfg)
     names = (manifest.get("class_names") or [])[1:] or [f"class{i}" for i in range(1, cfg.finetune.num_classes + 1)]
@@ -567,8 +569,9 @@ def write_report(cfg: Config, cells: list[Cell], splits: dict, manifest: dict, t
     text = summarize(rows, names)
     write_text(out / "summary.md", text)
     plot_label_efficiency(rows, out / "label_efficiency.png")
+    paired = plot_paired_differences(rows, out / "paired_differences.png")
     if tracker is not None:
-        for name in ("results.csv", "summary.md", "label_efficiency.png"):
+        for name in ("results.csv", "summary.md", "label_efficiency.png", *([paired.name] if paired else [])):
             tracker.log_artifact(out / name)
         if cfg.sweep.trainer != "nnunet":  # nnU-Net's models stay in its results folders (cells/<cell>/nnunet_results)
             register_best(cfg, cells, splits, tracker.run_id)

@@ -303,6 +303,24 @@ def test_plot_is_a_640x480_png(tmp_path):
     assert matplotlib.image.imread(both).shape[:2] == (480, 640)
 
 
+def test_paired_plot_has_a_panel_per_mode_and_nothing_without_a_baseline(tmp_path):
+    import matplotlib.image
+
+    from pcl_hpc.summary import plot_paired_differences
+
+    path = plot_paired_differences(make_rows(), tmp_path / "paired.png")
+    img = matplotlib.image.imread(path)
+    assert img.shape[:2] == (480, 640) and img[..., :3].std() > 0
+    assert plot_paired_differences(make_rows(), tmp_path / "again.png").read_bytes() == path.read_bytes()
+    modes = make_rows() + frozen_rows({"random": -0.1, "pcl": 0.1})
+    assert plot_paired_differences(modes, tmp_path / "modes.png").read_bytes() != path.read_bytes()
+    only_pcl = [r for r in make_rows() if r["encoder"] == "pcl"]
+    only_random = [r for r in make_rows() if r["encoder"] == "random"]
+    for rows in (only_pcl, only_random):
+        assert plot_paired_differences(rows, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_import_is_light():
     code = ("import sys, pcl_hpc.summary; "
             "print(sorted(m for m in ('matplotlib', 'scipy', 'torch', 'numpy') if m in sys.modules))")
