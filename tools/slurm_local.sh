@@ -4,6 +4,12 @@
 #
 #   bash tools/slurm_local.sh start    # install if missing, write the configs, start munged, MariaDB, slurmdbd,
 #                                      # slurmctld and slurmd; register the cluster; wait for an idle node
+#   bash tools/slurm_local.sh start --nodes 2   # two nodes on this machine: node1 and node2, each a slurmd in its
+#                                      # own UTS namespace (its hostname) at its own loopback address (127.0.0.2,
+#                                      # 127.0.0.3, in /etc/hosts) and port, with its own spool, pid and log files.
+#                                      # Partition `two` = both; the default partition `local` is node1 alone, so
+#                                      # single-node jobs run as before. (SLURM treats a lone node named localhost
+#                                      # as a wildcard, hence other names here.)
 #   bash tools/slurm_local.sh status   # sinfo and sacct, or why not
 #   bash tools/slurm_local.sh stop     # stop the daemons this script started
 #
@@ -29,6 +35,10 @@ DB_NAME=slurm_acct_db
 DB_USER=slurm
 WAIT_S=${SLURM_LOCAL_WAIT_S:-60}
 PARTITION_MAX_MIN=${SLURM_LOCAL_MAX_TIME_MIN:-60}  # the partition's MaxTime: the launcher refuses a longer slurm.time
+NODES=1  # start --nodes 2: two nodes
+NODE_NAMES=(node1 node2)
+NODE_ADDRS=(127.0.0.2 127.0.0.3)  # loopback: no traffic leaves the machine
+NODE_PORTS=(6818 6820)  # one slurmd port each: SlurmdPort's default, then one that slurmctld (6817) and slurmdbd (6819) leave free
 
 log() { echo "slurm_local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -188,11 +198,15 @@ register_cluster() {
 }
 
 write_conf() {  # write_conf FILE: the slurm.conf this script wants
-    local mem_mb cpus
+    local mem_mb cpus node_suffix="" what="one node (localhost)"
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # a bit below the machine's
     cpus=$(nproc)
+    if ((NODES == 2)); then
+        node_suffix="-%n"  # one spool, pid and log file per slurmd (%n: its node name)
+        what="two nodes (node1, node2: each slurmd in its own UTS namespace)"
+    fi
     cat >"$1" <<EOF
-# Written by tools/slurm_local.sh: one node (localhost), everything as root, accounting in slurmdbd.
+# Written by tools/slurm_local.sh: $what, everything as root, accounting in slurmdbd.
 ClusterName=$CLUSTER
 SlurmctldHost=localhost
 SlurmUser=root
@@ -210,11 +224,11 @@ SchedulerType=sched/backfill
 # schedule every few seconds (defaults: 60 s main, 30 s backfill), so a requeued job starts again soon
 SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d$node_suffix
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd$node_suffix.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+SlurmdLogFile=$LOGS/slurmd$node_suffix.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # accounting as on real clusters: sacct answers (submitit reads job states from it)
@@ -227,25 +241,65 @@ InactiveLimit=0
 KillWait=10
 MinJobAge=300
 Waittime=0
+EOF
+    if ((NODES == 1)); then
+        cat >>"$1" <<EOF
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=$PARTITION_MAX_MIN State=UP
 EOF
+        return 0
+    fi
+    local i
+    for i in 0 1; do  # each node: the machine's cores again (every job here asks for what it uses)
+        echo "NodeName=${NODE_NAMES[i]} NodeAddr=${NODE_ADDRS[i]} Port=${NODE_PORTS[i]} CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" >>"$1"
+    done
+    cat >>"$1" <<EOF
+PartitionName=local Nodes=${NODE_NAMES[0]} Default=YES MaxTime=$PARTITION_MAX_MIN State=UP
+PartitionName=two Nodes=${NODE_NAMES[0]},${NODE_NAMES[1]} MaxTime=$PARTITION_MAX_MIN State=UP
+EOF
 }
 
-node_state() { sinfo -h -N -n localhost -o %t 2>/dev/null | head -n1; }
+nodes() { if ((NODES == 2)); then echo "${NODE_NAMES[@]}"; else echo localhost; fi; }
 
-wait_idle() {
-    local state=""
+node_pidfile() {  # node_pidfile NODE: where its slurmd writes its pid
+    if ((NODES == 2)); then echo "$RUN/slurmd-$1.pid"; else echo "$RUN/slurmd.pid"; fi
+}
+
+hosts_entries() {  # each node's name resolves to its loopback address (its tasks and torch's rendezvous use it)
+    local i
+    for i in 0 1; do
+        grep -qE "^${NODE_ADDRS[i]}[[:space:]]+${NODE_NAMES[i]}([[:space:]]|\$)" /etc/hosts && continue
+        log "adding '${NODE_ADDRS[i]} ${NODE_NAMES[i]}' to /etc/hosts"
+        printf '%s %s\n' "${NODE_ADDRS[i]}" "${NODE_NAMES[i]}" >>/etc/hosts
+    done
+}
+
+start_slurmd() {  # start_slurmd NODE: with two nodes in its own UTS namespace, so `hostname` in its tasks is NODE
+    local node=$1
+    if ((NODES == 1)); then
+        slurmd -N "$node" || die "slurmd did not start; see $LOGS/slurmd.log"
+        return 0
+    fi
+    install -d -m 0755 "$STATE/d-$node"
+    unshare --uts /bin/sh -c "hostname $node && exec slurmd -N $node" \
+        || die "slurmd of $node did not start; see $LOGS/slurmd-$node.log"
+}
+
+node_state() { sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n1; }
+
+wait_idle() {  # wait_idle NODE
+    local node=$1 state=""
     for _ in $(seq $((WAIT_S * 2))); do
-        state=$(node_state)
+        state=$(node_state "$node")
         case $state in
-            idle*|mix*|alloc*) log "node localhost is $state"; return 0 ;;
-            down*|drain*) scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true ;;
+            idle*|mix*|alloc*) log "node $node is $state"; return 0 ;;
+            down*|drain*) scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true ;;
         esac
         sleep 0.5
     done
-    die "node localhost not idle after ${WAIT_S}s (state: '${state:-no answer}'); see $LOGS/slurmctld.log and $LOGS/slurmd.log"
+    die "node $node not idle after ${WAIT_S}s (state: '${state:-no answer}'); see $LOGS/slurmctld.log and $LOGS/slurmd*.log"
 }
+
 
 start() {
     install_packages
@@ -256,9 +310,11 @@ start() {
     fi
     start_munge
     start_mariadb
+    if ((NODES == 2)); then hosts_entries; fi
     write_conf "$CONF.new"
-    local restart=0
-    if ! cmp -s "$CONF.new" "$CONF" || ! pid_alive "$RUN/slurmctld.pid" || ! pid_alive "$RUN/slurmd.pid"; then
+    local restart=0 node
+    for node in $(nodes); do pid_alive "$(node_pidfile "$node")" || restart=1; done
+    if ! cmp -s "$CONF.new" "$CONF" || ! pid_alive "$RUN/slurmctld.pid" || ((restart)); then
         restart=1
         stop_daemons
         mv "$CONF.new" "$CONF"  # sacctmgr below reads it too (AccountingStorageType)
@@ -270,9 +326,9 @@ start() {
     if ((restart)); then
         log "starting slurmctld and slurmd; logs in $LOGS"
         slurmctld -i || die "slurmctld did not start; see $LOGS/slurmctld.log"
-        slurmd -N localhost || die "slurmd did not start; see $LOGS/slurmd.log"
+        for node in $(nodes); do start_slurmd "$node"; done
     fi
-    wait_idle
+    for node in $(nodes); do wait_idle "$node"; done
     sacct -n -X -S now-1minutes >/dev/null 2>&1 || die "sacct does not answer; see $LOGS/slurmdbd.log and $LOGS/slurmctld.log"
 }
 
@@ -287,8 +343,11 @@ stop_pid() {  # stop_pid NAME PIDFILE: TERM, wait for the process itself (daemon
     log "stopped $name"
 }
 
-stop_daemons() {
-    stop_pid slurmd "$RUN/slurmd.pid"
+stop_daemons() {  # every slurmd this script may have started (one node or two), then slurmctld
+    local pidfile
+    for pidfile in "$RUN/slurmd.pid" "$RUN"/slurmd-*.pid; do
+        if [[ -e $pidfile ]]; then stop_pid "slurmd ($(basename "$pidfile" .pid))" "$pidfile"; fi
+    done
     stop_pid slurmctld "$RUN/slurmctld.pid"
 }
 
@@ -311,7 +370,7 @@ stop() {
 }
 
 status() {
-    if pid_alive "$RUN/slurmctld.pid" && pid_alive "$RUN/slurmd.pid" && sinfo 2>/dev/null; then
+    if pid_alive "$RUN/slurmctld.pid" && sinfo 2>/dev/null; then
         if sacct -n -X -S now-1minutes >/dev/null 2>&1; then
             log "accounting: sacct answers (slurmdbd $(pid_alive "$RUN/dbd/slurmdbd.pid" && echo running || echo "not ours"))"
             return 0
@@ -324,8 +383,14 @@ status() {
 }
 
 case "${1:-}" in
-    start) start ;;
+    start)
+        case "${2:-} ${3:-}" in
+            " " | "--nodes 1") ;;
+            "--nodes 2") NODES=2 ;;
+            *) echo "usage: $0 start [--nodes 1|2]" >&2; exit 2 ;;
+        esac
+        start ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start [--nodes 1|2] | stop | status" >&2; exit 2 ;;
 esac
