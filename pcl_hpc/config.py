@@ -191,6 +191,7 @@ class EngineConfig:
     zero_stage: int = one_of(0, 1, 2)  # deepspeed: ZeRO stage 0 | 1 | 2
     deepspeed_config: str = ""  # deepspeed: optional JSON file merged over the generated config
     timeout_s: int = bounded(600, ge=1)  # collectives fail after this long (a dead rank never hangs the job)
+    exact_resume: bool = True  # ddp: keep DDP's first gradient-bucket layout all run, so a resumed run sums gradients in the order of an uninterrupted one (bit-identical with any number of ranks); false: DDP regroups its buckets after step 1 (one autograd-graph traversal less per step) and a resume with more than 2 ranks matches to float rounding only
 
 
 @dataclass

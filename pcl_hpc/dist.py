@@ -108,6 +108,7 @@ def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if attempt == "0":
         torch_dist.init_process_group(backend=backend, timeout=timeout)
+        report_layout(env)
         return env
     # torchrun keeps its store across restarts (--max-restarts), so the failed attempt's keys are still
     # there and a restarted rank could read a dead peer's address ("connectFullMesh ... Connection
@@ -116,7 +117,29 @@ def init(backend: str = "", timeout_s: int = 600) -> DistEnv:
                                 world_size=env.world_size, is_master=False, timeout=timeout)
     torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"pcl_hpc_attempt{attempt}", store),
                                   rank=env.rank, world_size=env.world_size, timeout=timeout)
+    report_layout(env)
     return env
+
+
+def layout_text(places: list[tuple[str, int]]) -> str:
+    """``places[rank] = (host, local rank)`` as one line: each host with its ranks and their local ranks."""
+    hosts = {}
+    for rank, (host, local) in enumerate(places):
+        hosts.setdefault(host, []).append((rank, local))
+    return (f"process group: {len(places)} ranks on {len(hosts)} node(s): " + "; ".join(
+        f"{host} ranks {','.join(str(r) for r, _ in ranks)} (local {','.join(str(lr) for _, lr in ranks)})"
+        for host, ranks in hosts.items()))
+
+
+def report_layout(env: DistEnv) -> None:
+    """Rank 0 prints where every rank of the new group runs (host name, local rank): on a cluster, the first
+    thing to read when a multi-node launch misbehaves."""
+    import socket
+
+    places: list = [None] * env.world_size
+    torch_dist.all_gather_object(places, (socket.gethostname(), env.local_rank))
+    if env.is_main:
+        print(layout_text(places), flush=True)
 
 
 def teardown() -> None:

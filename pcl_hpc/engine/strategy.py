@@ -68,7 +68,7 @@ class Strategy:
         self.cfg, self.env = cfg, env
         self.device = env.device
         self.dtype = resolve_precision(e.precision, self.device)
-        self.channels_last = e.channels_last
+        self.channels_last, self.exact_resume = e.channels_last, e.exact_resume
         self.grad_accum = e.grad_accum
         self.grad_clip = float(e.grad_clip)
         self.module: nn.Module | None = None
@@ -132,7 +132,13 @@ class DDPStrategy(Strategy):
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.module, self.optimizer, self.schedule = model, optimizer, schedule
-        self._net = nn.parallel.DistributedDataParallel(model) if self.env.distributed else model
+        # DDP regroups its gradient buckets by the order gradients arrive in the first backward. A resumed run's
+        # first step would then reduce in the first layout where the uninterrupted run used the regrouped one:
+        # with more than 2 ranks the ring all-reduce then adds in another order (not bit-identical). With
+        # find_unused_parameters DDP never regroups (it also walks the autograd graph each step, and warns
+        # once that it found no unused parameter: expected here).
+        self._net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=self.exact_resume) \
+            if self.env.distributed else model
         return self._maybe_compile(self._net)
 
     def micro_step(self, sync):

@@ -1,0 +1,175 @@
+"""launchers/slurm.py on two real SLURM nodes: `bash tools/slurm_local.sh start --nodes 2` (.ci/run does) runs
+node1 and node2 as two slurmd on this machine, each in its own UTS namespace (its own hostname) at its own
+loopback address, and partition `two` holds both. Without that partition every test here is skipped, except
+under CI (CI=true), where each one fails instead.
+
+What they check: one job over both nodes forms one process group whose ranks and local ranks are right on each
+node (the rendezvous address comes from the job's node list), and it ends bit-identical to the same global
+batch on one node (torchrun, as many processes); `scontrol requeue` (SIGTERM to every task on both nodes),
+SIGUSR1 sent from outside to the tasks of one node only, and the loss of one node's tasks (SIGKILL from
+outside) each end in one job, requeued, that finishes bit-identical with each step logged once.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_slurm import (
+    TINY,
+    assert_each_step_once,
+    assert_same_weights,
+    beside,
+    finish,
+    launch_in_background,
+    sacct_runs,
+    slurm_job,
+    task_logs,
+    wait_for_steps,
+)
+from tests.test_spine import overrides
+
+PARTITION = "two"
+# torch threads per rank: by default cores / local ranks, so 1 rank per node would use 2 threads where the
+# one-node reference's 2 ranks use 1 each, and a different thread count sums in another order (not bit-identical)
+THREADS = {"engine.threads": 1}
+
+
+def _two_nodes_unavailable() -> str:
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-N", "-o", "%N %t"], capture_output=True, text=True,
+                              timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"sinfo does not answer: {err}"
+    usable = [line.split()[0] for line in proc.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].startswith(("idle", "mix", "alloc"))]
+    if proc.returncode != 0 or len(usable) < 2:
+        return (f"no 2-node partition '{PARTITION}' (start it with `bash tools/slurm_local.sh start --nodes 2`); "
+                f"sinfo: {(proc.stdout + proc.stderr).strip()[:200]}")
+    return ""
+
+
+_UNAVAILABLE = _two_nodes_unavailable()
+_IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(bool(_UNAVAILABLE) and not _IN_CI, reason=_UNAVAILABLE or "2 nodes are up")]
+
+
+@pytest.fixture(autouse=True)
+def _two_nodes_required_in_ci():
+    if _UNAVAILABLE:
+        pytest.fail(f"CI=true but {_UNAVAILABLE}", pytrace=False)
+    yield
+
+
+def two_nodes(demo_store, out, tasks_per_node=1, env=None, **extra):
+    """The launcher's job over both nodes, in the background: (launcher process, job id)."""
+    return launch_in_background(demo_store, out, "--nodes", "2", "--tasks-per-node", str(tasks_per_node), "--time",
+                                "10", env=env, **{"slurm.partition": PARTITION, **THREADS, **extra})
+
+
+def one_node(demo_store, out, processes, **extra) -> Path:
+    """The same global batch on one node, straight under torchrun: the reference encoder."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
+           "pcl_hpc", "pretrain", "--config", str(REPO / "configs" / "demo.yaml"),
+           *overrides(demo_store, out, **{**TINY, **THREADS, **extra})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "pretrain" / "encoder.pt"
+
+
+def task_pids(job_id: str, node: str) -> list[int]:
+    """The pids of the job's task processes on ``node`` (read from /proc, as an outside observer would: the
+    processes whose environment says this job and this node, less their own children such as loader workers)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_text()
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") == node and "submitit" in cmdline:
+            found[int(proc.name)] = parent
+    return [pid for pid, parent in found.items() if parent not in found]
+
+
+def signal_node(job_id: str, node: str, signum: int) -> list[int]:
+    pids = task_pids(job_id, node)
+    assert pids, f"no task of job {job_id} found on {node}"
+    for pid in pids:
+        os.kill(pid, signum)
+    return pids
+
+
+def test_scontrol_requeue_of_a_two_node_job_ends_bit_identical_to_one_node(demo_store, tmp_path):
+    # one task per node: ranks 0 and 1 on node1 and node2, each local rank 0; SIGTERM from SLURM reaches every
+    # task on both nodes, all save the same step, the job comes back once and finishes as if never stopped
+    steps = 400
+    out = tmp_path / "slurm"
+    out.mkdir()
+    proc, job_id = two_nodes(demo_store, out, **{"pretrain.max_steps": steps})
+    wait_for_steps(out, 100, proc)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    reference = beside(proc, out, lambda: one_node(demo_store, tmp_path / "one", 2, **{"pretrain.max_steps": steps}))
+    rc, out_text, err_text = finish(proc, out, timeout=300)
+    assert rc == 0, (out_text + err_text)[-4000:]
+    job = slurm_job(job_id)
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2" and job["Restarts"] == "1", job
+    assert sacct_runs(job_id) == ["REQUEUED", "COMPLETED"]
+    log0 = task_logs(out, job_id, 0)
+    assert "process group: 2 ranks on 2 node(s): node1 ranks 0 (local 0); node2 ranks 1 (local 0)" in log0, log0[-3000:]
+    assert "after SIGTERM" in log0 and "resuming from" in log0, log0[-3000:]
+    assert "after SIGTERM" in task_logs(out, job_id, 1), "node2's task saved too"
+    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert_each_step_once(out, steps)
+
+
+def test_sigusr1_to_one_node_stops_both_at_the_same_step_and_ends_bit_identical(demo_store, tmp_path):
+    # two tasks per node (4 ranks); SIGUSR1 from outside to node2's two tasks only: the stop flag crosses to
+    # node1 at the next step, every rank saves that step, rank 0 requeues, the job finishes bit-identical to 4
+    # processes on one node
+    steps = 300
+    out = tmp_path / "slurm"
+    out.mkdir()
+    proc, job_id = two_nodes(demo_store, out, tasks_per_node=2, **{"pretrain.max_steps": steps})
+    wait_for_steps(out, 60, proc)
+    signalled = signal_node(job_id, "node2", 10)  # SIGUSR1
+    assert len(signalled) == 2, signalled
+    reference = beside(proc, out, lambda: one_node(demo_store, tmp_path / "one", 4, **{"pretrain.max_steps": steps}))
+    rc, out_text, err_text = finish(proc, out, timeout=300)
+    assert rc == 0, (out_text + err_text)[-4000:]
+    job = slurm_job(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["NumTasks"] == "4", job
+    log0 = task_logs(out, job_id, 0)
+    assert "process group: 4 ranks on 2 node(s): node1 ranks 0,1 (local 0,1); node2 ranks 2,3 (local 0,1)" in log0
+    assert "after a signal on another rank" in log0 and f"requeued job {job_id} (restart 1" in log0, log0[-3000:]
+    assert "after SIGUSR1" in task_logs(out, job_id, 2) + task_logs(out, job_id, 3)
+    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert_each_step_once(out, steps)
+
+
+def test_a_lost_node_is_survived_bit_identical(demo_store, tmp_path):
+    # node2's task is killed from outside (SIGKILL: the node is gone) between checkpoints; node1's rank fails at
+    # its next collective, requeues the job, which resumes from the last checkpoint on both nodes
+    extra = {"pretrain.max_steps": 300, "checkpoint.every_steps": 50}
+    out = tmp_path / "slurm"
+    out.mkdir()
+    proc, job_id = two_nodes(demo_store, out, **extra)
+    wait_for_steps(out, 75, proc)
+    signal_node(job_id, "node2", 9)
+    reference = beside(proc, out, lambda: one_node(demo_store, tmp_path / "one", 2, **extra))
+    rc, out_text, err_text = finish(proc, out, timeout=300)
+    assert rc == 0, (out_text + err_text)[-4000:]
+    job = slurm_job(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
+    log0 = task_logs(out, job_id, 0)
+    assert f"job {job_id} lost a rank" in log0 and "resuming from" in log0, log0[-3000:]
+    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert_each_step_once(out, 300)
