@@ -5,9 +5,10 @@ under CI (CI=true), where each one fails instead.
 
 What they check: one job over both nodes forms one process group whose ranks and local ranks are right on each
 node (the rendezvous address comes from the job's node list), and it ends bit-identical to the same global
-batch on one node (torchrun, as many processes); `scontrol requeue` (SIGTERM to every task on both nodes),
-SIGUSR1 sent from outside to the tasks of one node only, and the loss of one node's tasks (SIGKILL from
-outside) each end in one job, requeued, that finishes bit-identical with each step logged once.
+batch on one node (torchrun, as many processes); a time limit (SLURM's SIGUSR1 to every task), `scontrol
+requeue` (SIGTERM to every task on both nodes), SIGUSR1 sent from outside to the tasks of one node only, and
+the loss of one node's tasks (SIGKILL from outside) each end in one job, requeued, that finishes
+bit-identical with each step logged once.
 """
 
 import os
@@ -66,9 +67,10 @@ def _two_nodes_required_in_ci():
 
 
 def two_nodes(demo_store, out, tasks_per_node=1, env=None, **extra):
-    """The launcher's job over both nodes, in the background: (launcher process, job id)."""
-    return launch_in_background(demo_store, out, "--nodes", "2", "--tasks-per-node", str(tasks_per_node), "--time",
-                                "10", env=env, **{"slurm.partition": PARTITION, **THREADS, **extra})
+    """The launcher's job over both nodes, in the background: (launcher process, job id). Its time limit is
+    10 minutes unless ``slurm.time`` is given."""
+    return launch_in_background(demo_store, out, "--nodes", "2", "--tasks-per-node", str(tasks_per_node), env=env,
+                                **{"slurm.partition": PARTITION, "slurm.time": 10, **THREADS, **extra})
 
 
 def one_node(demo_store, out, processes, **extra) -> Path:
@@ -173,3 +175,28 @@ def test_a_lost_node_is_survived_bit_identical(demo_store, tmp_path):
     assert f"job {job_id} lost a rank" in log0 and "resuming from" in log0, log0[-3000:]
     assert_same_weights(out / "pretrain" / "encoder.pt", reference)
     assert_each_step_once(out, 300)
+
+
+def test_a_time_limit_on_two_nodes_requeues_until_done_bit_identical(demo_store, tmp_path):
+    # SLURM's SIGUSR1 before the 2-minute limit reaches the tasks of both nodes; the first run is slowed by
+    # sleeping (PCL_HPC_FAULT=slow, its numbers unchanged) so that it outlasts the signal; the requeued run is
+    # not slowed and finishes. Every rank saves the same step; the end equals one node's straight run.
+    steps = 400
+    out = tmp_path / "slurm"
+    out.mkdir()
+    proc, job_id = two_nodes(demo_store, out, env={"PCL_HPC_FAULT": "slow:0.25"}, **{
+        "pretrain.max_steps": steps, "slurm.time": 2, "slurm.signal_delay_s": 60})
+
+    def reference_once_the_job_trains():
+        wait_for_steps(out, 1, proc)
+        return one_node(demo_store, tmp_path / "one", 2, **{"pretrain.max_steps": steps})
+
+    reference = beside(proc, out, reference_once_the_job_trains)
+    rc, out_text, err_text = finish(proc, out, timeout=900)
+    assert rc == 0, (out_text + err_text)[-4000:]
+    job = slurm_job(job_id)
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2" and int(job["Restarts"]) >= 1, job
+    log0, log1 = task_logs(out, job_id, 0), task_logs(out, job_id, 1)
+    assert "after SIGUSR1" in log0 and "after SIGUSR1" in log1, "the signal reached both nodes' tasks"
+    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert_each_step_once(out, steps)
