@@ -113,11 +113,11 @@ def signal_node(job_id: str, node: str, signum: int) -> list[int]:
 def test_scontrol_requeue_of_a_two_node_job_ends_bit_identical_to_one_node(demo_store, tmp_path):
     # one task per node: ranks 0 and 1 on node1 and node2, each local rank 0; SIGTERM from SLURM reaches every
     # task on both nodes, all save the same step, the job comes back once and finishes as if never stopped
-    steps = 400
+    steps = 200
     out = tmp_path / "slurm"
     out.mkdir()
     proc, job_id = two_nodes(demo_store, out, **{"pretrain.max_steps": steps})
-    wait_for_steps(out, 100, proc)
+    wait_for_steps(out, 60, proc)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
     reference = beside(proc, out, lambda: one_node(demo_store, tmp_path / "one", 2, **{"pretrain.max_steps": steps}))
     rc, out_text, err_text = finish(proc, out, timeout=300)
@@ -137,11 +137,11 @@ def test_sigusr1_to_one_node_stops_both_at_the_same_step_and_ends_bit_identical(
     # two tasks per node (4 ranks); SIGUSR1 from outside to node2's two tasks only: the stop flag crosses to
     # node1 at the next step, every rank saves that step, rank 0 requeues, the job finishes bit-identical to 4
     # processes on one node
-    steps = 300
+    steps = 150
     out = tmp_path / "slurm"
     out.mkdir()
     proc, job_id = two_nodes(demo_store, out, tasks_per_node=2, **{"pretrain.max_steps": steps})
-    wait_for_steps(out, 60, proc)
+    wait_for_steps(out, 40, proc)
     signalled = signal_node(job_id, "node2", 10)  # SIGUSR1
     assert len(signalled) == 2, signalled
     reference = beside(proc, out, lambda: one_node(demo_store, tmp_path / "one", 4, **{"pretrain.max_steps": steps}))
@@ -160,7 +160,7 @@ def test_sigusr1_to_one_node_stops_both_at_the_same_step_and_ends_bit_identical(
 def test_a_lost_node_is_survived_bit_identical(demo_store, tmp_path):
     # node2's task is killed from outside (SIGKILL: the node is gone) between checkpoints; node1's rank fails at
     # its next collective, requeues the job, which resumes from the last checkpoint on both nodes
-    extra = {"pretrain.max_steps": 300, "checkpoint.every_steps": 50}
+    extra = {"pretrain.max_steps": 150, "checkpoint.every_steps": 50}
     out = tmp_path / "slurm"
     out.mkdir()
     proc, job_id = two_nodes(demo_store, out, **extra)
@@ -174,7 +174,7 @@ def test_a_lost_node_is_survived_bit_identical(demo_store, tmp_path):
     log0 = task_logs(out, job_id, 0)
     assert f"job {job_id} lost a rank" in log0 and "resuming from" in log0, log0[-3000:]
     assert_same_weights(out / "pretrain" / "encoder.pt", reference)
-    assert_each_step_once(out, 300)
+    assert_each_step_once(out, 150)
 
 
 def test_a_time_limit_on_two_nodes_requeues_until_done_bit_identical(demo_store, tmp_path):
