@@ -159,6 +159,7 @@ class SweepConfig:
     labeled: list[int] = field(default_factory=lambda: [1, 2])  # M: labeled patients per cell
     folds: list[int] | None = None  # test folds of the manifest's k-fold; None = every fold
     seeds: list[int] = field(default_factory=lambda: [0])  # draws of the M labeled patients (and fine-tuning seeds)
+    frozen_seeds: list[int] | None = None  # the frozen cells' seeds when they should differ (e.g. fewer); None = sweep.seeds
     val_patients: int = bounded(1, ge=1)  # validation patients per fold, drawn from outside the test fold and the M
     workers: int = bounded(0, ge=0)  # cells run side by side (locally and in each array task); 0 = one per GPU, else cores // 2 (at least 1)
     pretrain_processes: int = bounded(1, ge=1)  # > 1: each method pretrains with this many processes (torchrun, this node)

@@ -8,7 +8,8 @@ Cells are encoder x mode x M x fold x seed:
   an ``encoder.pt`` / ``models:/`` URI in ``sweep.encoders``.
 * **modes** (``sweep.modes``): ``full`` fine-tunes encoder and decoder, ``frozen`` only the decoder
   (``finetune.mode`` of the cell). A cell's name carries its mode unless it is ``full``
-  (``pcl_M1_f0_s0``, ``pcl_frozen_M1_f0_s0``); results, tables and pairs are per mode.
+  (``pcl_M1_f0_s0``, ``pcl_frozen_M1_f0_s0``); results, tables and pairs are per mode. Frozen cells may
+  take their own seeds (``sweep.frozen_seeds``, e.g. fewer when the full mode needs more pairs).
 * **splits** (:func:`protocol_split`): the manifest's patient-level fold is the test set; the
   validation patients (``sweep.val_patients``) come from outside it, drawn by (seed, fold); the M
   labeled patients are drawn by (seed, fold) from the rest, nested (a larger M keeps a smaller M's
@@ -139,8 +140,9 @@ def encoders(cfg: Config) -> list[tuple[str, str]]:
 def plan_cells(cfg: Config, manifest: dict | None) -> list[Cell]:
     """The cells, in table order (``manifest=None``: before the store exists, its folds from ``data.folds``)."""
     s = cfg.sweep
-    if any(m < 1 for m in s.labeled) or not s.labeled or not s.seeds:
-        raise UserError(f"sweep.labeled={s.labeled} and sweep.seeds={s.seeds}: give at least one M >= 1 and one seed")
+    if any(m < 1 for m in s.labeled) or not s.labeled or not s.seeds or s.frozen_seeds == []:
+        raise UserError(f"sweep.labeled={s.labeled}, sweep.seeds={s.seeds} and sweep.frozen_seeds={s.frozen_seeds}: give "
+                        f"at least one M >= 1 and one seed (frozen_seeds: null takes sweep.seeds)")
     if s.trainer == "nnunet" and cfg.model.arch != "nnunet":
         raise UserError("sweep.trainer=nnunet fine-tunes nnU-Net's own network: set model.arch=nnunet and model.plans "
                         "(the encoders must be pretrained on the plan's network)")
@@ -151,7 +153,13 @@ def plan_cells(cfg: Config, manifest: dict | None) -> list[Cell]:
     folds, chosen = (s.folds if s.folds is not None else list(range(k))), modes(cfg)
     return [Cell(name, _cell_source(cfg, name, source, fold, seed), m, fold, seed, mode)
             for name, source in encoders(cfg) for mode in chosen
-            for m in sorted(set(s.labeled)) for fold in folds for seed in s.seeds]
+            for m in sorted(set(s.labeled)) for fold in folds for seed in seeds(cfg, mode)]
+
+
+def seeds(cfg: Config, mode: str) -> list[int]:
+    """The seeds of a mode's cells: ``sweep.frozen_seeds`` for frozen cells when given, else ``sweep.seeds``."""
+    s = cfg.sweep
+    return list(s.frozen_seeds) if mode == "frozen" and s.frozen_seeds is not None else list(s.seeds)
 
 
 def modes(cfg: Config) -> list[str]:

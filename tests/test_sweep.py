@@ -62,8 +62,13 @@ def test_modes_name_the_cells_set_their_config_and_rows(demo_store, tmp_path):
     rows = result_rows(cells[2], {"per_volume": {"dk02": [0.5, 0.6, 0.7]}}, ["a", "b", "c"])
     assert rows[0]["mode"] == "frozen" and rows[0]["cell"] == "random_frozen_M1_f0_s0"
     assert [c.mode for c in plan_cells(sweep_config(demo_store, tmp_path), manifest)] == ["full"], "the default"
+    own = plan_cells(sweep_config(demo_store, tmp_path, "sweep.encoders=[random]", "sweep.modes=[full, frozen]",
+                                  "sweep.seeds=[0, 1, 2]", "sweep.frozen_seeds=[0]"), manifest)
+    assert [c.name for c in own] == ["random_M1_f0_s0", "random_M1_f0_s1", "random_M1_f0_s2",
+                                     "random_frozen_M1_f0_s0"], "frozen cells take sweep.frozen_seeds"
     for overrides, key in ((["sweep.modes=[full, half]"], "sweep.modes"), (["sweep.modes=[]"], "sweep.modes"),
                            (["finetune.mode=frozen"], "finetune.mode=frozen"),
+                           (["sweep.frozen_seeds=[]"], "sweep.frozen_seeds"),
                            (["model.arch=nnunet", "sweep.trainer=nnunet", "sweep.modes=[frozen]"], "sweep.modes: frozen"),
                            (["model.arch=nnunet", "sweep.trainer=nnunet", "sweep.encoders=[supervised]"], "supervised"),
                            (["sweep.encoders=[/x/supervised/encoder.pt]"], "the positive control's name")):
