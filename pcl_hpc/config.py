@@ -84,6 +84,8 @@ class DataConfig:
     fold_seed: int = bounded(0, ge=0)  # seed of the patient-level fold assignment in the manifest
     id_scheme: str = one_of("source", "hashed")  # volume ids: source (file/folder names) | hashed (pseudonymous; see preprocess.py)
     channel: int = bounded(0, ge=0)  # generic layout, multi-channel cases (MSD 4D image + 3D label, nnU-Net _000k files): channel used, 0-based
+    stage: bool = False  # training copies each node's share of the store (its volume shard) to node-local disk at job start and reads it from there; each node reads only its shard
+    stage_dir: str = ""  # node-local folder for data.stage; "" = $SLURM_TMPDIR, else $TMPDIR, else the system temp folder
 
 
 @dataclass

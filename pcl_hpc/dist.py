@@ -142,6 +142,62 @@ def report_layout(env: DistEnv) -> None:
         print(layout_text(places), flush=True)
 
 
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where this rank sits among the job's nodes: nodes are numbered by their first rank, so a requeued job
+    on other machines has the same numbering (what node-local staging shards the store by)."""
+
+    node: int  # this rank's node
+    ranks: tuple[int, ...]  # the global ranks on this rank's node, ascending
+    rank: int  # this rank
+    host: str  # this node's host name
+    per_node: tuple[int, ...]  # ranks on each node, by node
+
+    @property
+    def nodes(self) -> int:
+        return len(self.per_node)
+
+    @property
+    def local_index(self) -> int:
+        """This rank's place among its node's ranks (0: the rank that does the node's work)."""
+        return self.ranks.index(self.rank)
+
+    @property
+    def local_count(self) -> int:
+        return len(self.ranks)
+
+
+def node_layout(env: DistEnv) -> NodeLayout:
+    """Every rank's host name, gathered (a collective: every rank calls it), as this rank's NodeLayout."""
+    host = socket.gethostname()
+    hosts = gather(env, host)
+    order = list(dict.fromkeys(hosts))
+    mine = tuple(r for r, h in enumerate(hosts) if h == host)
+    return NodeLayout(order.index(host), mine, env.rank if env.distributed else 0, host,
+                      tuple(hosts.count(h) for h in order))
+
+
+def gather(env: DistEnv, value):
+    """Every rank's ``value`` (any picklable object), on every rank; ``[value]`` in a single process."""
+    if not env.distributed or not torch_dist.is_initialized():
+        return [value]
+    out = [None] * env.world_size
+    torch_dist.all_gather_object(out, value)
+    return out
+
+
+def long_barrier(seconds: float) -> None:
+    """A barrier that waits up to ``seconds`` (the process group's timeout may be shorter): for work of one rank
+    per node that can take long, like staging the store. A gloo group of its own, so it runs beside NCCL too."""
+    if not torch_dist.is_initialized():
+        return
+    group = torch_dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    try:
+        torch_dist.barrier(group=group)
+    finally:
+        torch_dist.destroy_process_group(group)
+
+
 def teardown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

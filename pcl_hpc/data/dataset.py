@@ -155,6 +155,8 @@ class _ChunkReader:
         try:
             data = (self.folder / "c" / str(z) / "0" / "0").read_bytes()
         except FileNotFoundError:
+            if not (self.folder / "zarr.json").is_file():  # the array itself is gone, not an all-zero slice
+                raise
             return np.zeros(self.shape, dtype=self.dtype)
         return np.frombuffer(self._decompress(data), dtype=self.dtype).reshape(self.shape)
 
@@ -164,7 +166,9 @@ class SliceDataset(Dataset):
 
     ``volume_ids=None`` takes every volume in the store (every labeled one when ``with_labels``).
     The store is opened on first use in each process, so the dataset pickles cleanly and each
-    DataLoader worker gets its own handles.
+    DataLoader worker gets its own handles. Volumes with a node-local copy (``use_local``, see
+    ``pcl_hpc.data.staging``) are read from it; one whose copy is gone or unreadable is read from the
+    store again, with one line saying so.
     """
 
     def __init__(
@@ -204,6 +208,21 @@ class SliceDataset(Dataset):
         self._starts = np.concatenate([[0], np.cumsum(depths)])  # slice i is in volume searchsorted(i)
         self._handles: dict[int, tuple[Callable[[int], np.ndarray], Any, list[float], list[int]]] = {}
         self._pid: int | None = None
+        self.local: dict[str, str] = {}  # volume id -> its node-local copy (a volume folder), read before the store
+
+    @property
+    def depths(self) -> list[int]:
+        """Slices of each volume, in ``volume_ids`` order."""
+        return np.diff(self._starts).tolist()
+
+    @property
+    def starts(self) -> np.ndarray:
+        """The dataset index of each volume's first slice, and the total at the end."""
+        return self._starts
+
+    def use_local(self, folders: dict[str, Path]) -> None:
+        """Read these volumes from their node-local copies (volume folders laid out as in the store)."""
+        self.local, self._handles = {vid: str(f) for vid, f in folders.items()}, {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -217,17 +236,46 @@ class SliceDataset(Dataset):
         if self._pid != os.getpid():  # a forked worker must not reuse the parent's handles
             self._handles, self._pid = {}, os.getpid()
         if v not in self._handles:
-            group = zarr.open_group(self.store, mode="r")[f"volumes/{self.volume_ids[v]}"]
-            attrs = group.attrs
-            folder = Path(self.store) / "volumes" / self.volume_ids[v]
-            image = group["image"]
-            image = _ChunkReader.make(folder / "image", image) or image.__getitem__
-            label = None
-            if self.with_labels:
-                label = group["label"]
-                label = _ChunkReader.make(folder / "label", label) or label.__getitem__
-            self._handles[v] = (image, label, list(attrs["positions"]), list(attrs["partitions"]))
+            local = self.local.get(self.volume_ids[v])
+            if local is not None:
+                try:
+                    self._handles[v] = self._open(Path(local))
+                except Exception as err:  # noqa: BLE001 - any unreadable copy: the store still has the volume
+                    self._unstage(v, err)
+            if v not in self._handles:
+                self._handles[v] = self._open(Path(self.store) / "volumes" / self.volume_ids[v])
         return self._handles[v]
+
+    def _open(self, folder: Path) -> tuple[Callable[[int], np.ndarray], Any, list[float], list[int]]:
+        group = zarr.open_group(str(folder), mode="r")
+        image = group["image"]
+        image = _ChunkReader.make(folder / "image", image) or image.__getitem__
+        label = None
+        if self.with_labels:
+            label = group["label"]
+            label = _ChunkReader.make(folder / "label", label) or label.__getitem__
+        return image, label, list(group.attrs["positions"]), list(group.attrs["partitions"])
+
+    def _unstage(self, v: int, err: Exception) -> None:
+        """Drop volume ``v``'s node-local copy (gone, or unreadable) in this process: the store is read again."""
+        vid = self.volume_ids[v]
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        print(f"warning: the node-local copy of volume {vid} ({self.local.pop(vid)}) is missing or unreadable "
+              f"({reason}); reading it from the shared store {self.store}", flush=True)
+        self._handles.pop(v, None)
+
+    def _read(self, v: int, z: int) -> tuple[np.ndarray, np.ndarray | None, float, int]:
+        """Slice ``z`` of volume ``v`` (image, label or None, position, partition); a node-local copy that fails
+        mid-run is dropped and the slice read from the store."""
+        for _ in range(2):
+            read_image, read_label, positions, partitions = self._volume(v)
+            try:
+                return read_image(z), (read_label(z) if read_label is not None else None), positions[z], partitions[z]
+            except Exception as err:
+                if self.volume_ids[v] not in self.local:
+                    raise
+                self._unstage(v, err)
+        raise AssertionError("unreachable: the second try reads the store")
 
     def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < len(self):
@@ -248,11 +296,11 @@ class SliceDataset(Dataset):
         image_np, label_np = image.numpy(), (label.numpy() if label is not None else None)
         for i, index in enumerate(indices):
             v, z = self._locate(int(index))
-            read_image, read_label, positions, partitions = self._volume(v)
-            fit_into(image_np[i, 0], read_image(z))
+            image_z, label_z, position, partition = self._read(v, z)
+            fit_into(image_np[i, 0], image_z)
             if label_np is not None:
-                fit_into(label_np[i], read_label(z))
-            meta[:, i] = positions[z], partitions[z], v, z
+                fit_into(label_np[i], label_z)
+            meta[:, i] = position, partition, v, z
         batch = {
             "image": image,
             "position": torch.from_numpy(meta[0].astype(np.float32)),
@@ -341,6 +389,11 @@ class ResumableDistributedSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("shards") != self.state_dict().get("shards"):
+            raise UserError(
+                f"cannot resume the sampler: the checkpoint's volume shards are {state.get('shards') or 'none'} but this "
+                f"run's are {self.state_dict().get('shards') or 'none'} (data.stage shards the store by node); resume "
+                f"with the same data.stage setting and number of nodes")
         for key in ("num_replicas", "dataset_len", "seed"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise UserError(

@@ -170,11 +170,9 @@ def write_volume(
     init_store(store_path)
     codec = _compressor(compressor)
     image = np.ascontiguousarray(image, dtype=np.float32)
-    digest = hashlib.sha256(f"{image.shape}".encode())
-    digest.update(image.tobytes())
     if label is not None:
         label = np.ascontiguousarray(label, dtype=np.uint8)
-        digest.update(label.tobytes())
+    digest = content_digest(image, label)
 
     tmp_name = f"{TMP_PREFIX}{vid}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     vols = _volumes_dir(store_path)
@@ -191,7 +189,7 @@ def write_volume(
                 "label", shape=label.shape, chunks=chunks, dtype="uint8", compressors=codec
             )
             lab[...] = label
-        group.attrs.update(_jsonable({**attrs, "labeled": label is not None, "content_sha256": digest.hexdigest()}))
+        group.attrs.update(_jsonable({**attrs, "labeled": label is not None, "content_sha256": digest}))
     except Exception as err:
         full = is_disk_full(err, vols)
         _remove_tree(vols / tmp_name)  # nothing half-written stays in the store
@@ -200,6 +198,15 @@ def write_volume(
         raise
     remove_volume(store_path, vid)  # re-conversion of a changed source replaces the old volume
     os.rename(vols / tmp_name, vols / vid)
+
+
+def content_digest(image: np.ndarray, label: np.ndarray | None) -> str:
+    """A volume's ``content_sha256``: over its shape, float32 image bytes and uint8 label bytes (C order)."""
+    digest = hashlib.sha256(f"{tuple(image.shape)}".encode())
+    digest.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
+    if label is not None:
+        digest.update(np.ascontiguousarray(label, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
 
 
 def _remove_tree(folder: Path, settle_s: float = 1.0) -> None:

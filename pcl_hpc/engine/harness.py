@@ -211,7 +211,7 @@ class Harness:
         self._warned_full = False  # metrics.jsonl on a full disk: warned once
 
         dataset = stage.dataset(self)
-        self.sampler = ResumableDistributedSampler(len(dataset), self.env.world_size, self.env.rank, seed=cfg.seed)
+        self.sampler = self._sampler(dataset)
         drop_last = len(self.sampler) > s.batch_size  # a smaller set still gives one (short) batch
         self.loader = slice_loader(dataset, s.batch_size, self.sampler, cfg.data.num_workers, drop_last, persistent=True)
         if len(self.loader) == 0:
@@ -245,6 +245,15 @@ class Harness:
         if self.env.is_main:
             save_config(cfg, self.folder / "config.yaml")
             self.tracker.log_artifact(self.folder / "config.yaml")
+
+    def _sampler(self, dataset) -> ResumableDistributedSampler:
+        """Every rank's share of the slices; with data.stage, its node's volumes, first copied to the node."""
+        cfg = self.cfg
+        if not cfg.data.stage:
+            return ResumableDistributedSampler(len(dataset), self.env.world_size, self.env.rank, seed=cfg.seed)
+        from pcl_hpc.data.staging import stage
+
+        return stage(dataset, cfg.data, self.manifest, self.env, cfg.seed)
 
     def _resume(self) -> None:
         """Load the newest usable checkpoint (or checkpoint.path): strategy, RNGs, sampler position, train state.
@@ -387,6 +396,8 @@ def run_key(stage: Stage) -> str:
     The number of processes a run had is recorded beside the key (``world_size`` in complete.json), as the
     SLURM settings are not part of it: a runner may pretrain with other resources than another one."""
     config = {k: v for k, v in to_dict(stage.cfg).items() if k not in ("slurm", "sweep")}
+    drop = ("stage_dir",) if stage.cfg.data.stage else ("stage", "stage_dir")  # where a node stages is not what it
+    config["data"] = {k: v for k, v in config["data"].items() if k not in drop}  # computes; unstaged keys as before
     what = {"config": config, "store": read_manifest(stage.cfg.data.store).get("content_hash", ""),
             **stage.identity()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,155 @@
+"""Node-local staging (``data.stage``): at job start each node copies the volumes its ranks will read from
+the shared store to its own disk, and training reads them from there.
+
+* **where**: ``data.stage_dir``, else ``$SLURM_TMPDIR``, else ``$TMPDIR``, else the system temp folder;
+  under it ``pcl-hpc-stage/<host>/<store content hash>/volumes/<id>/``, laid out as in the store.
+* **what**: the node's shard (``pcl_hpc.data.shards``): each volume is read from the shared store once per
+  node per job start, whatever the number of epochs. The node's ranks split the copying among them.
+* **verified**: a copy is checked against the volume's ``content_sha256`` (what the manifest's content
+  hash is built from) before it is renamed into place; a marker beside it lists its files and sizes.
+* **resumable**: a later job start (a requeue, perhaps on other machines) keeps every copy whose marker
+  and files are intact and copies the rest; an interrupted copy is never taken for a finished one.
+* **fallback**: a volume that cannot be staged (disk full, checksum mismatch, read error) is read from the
+  shared store, with one line; so is one whose copy disappears or breaks mid-run (``SliceDataset``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import zarr
+
+from pcl_hpc import dist
+from pcl_hpc.atomic import is_disk_full, write_text
+from pcl_hpc.config import DataConfig
+from pcl_hpc.data.dataset import SliceDataset
+from pcl_hpc.data.shards import VolumeShardSampler, shard_volumes
+from pcl_hpc.data.store import content_digest, volume_attrs
+
+MARKER = ".staged.json"  # <id>.staged.json beside a finished copy: its checksum, files and sizes
+STAGE_TIMEOUT_S = 6 * 3600  # how long a node's ranks wait for its copying (the process group's timeout is shorter)
+
+
+class StageError(Exception):
+    """A volume that could not be staged (the reason is its message); it is read from the shared store."""
+
+
+@dataclass
+class Staged:
+    """What one rank's share of a node's copying did."""
+
+    copied: int = 0  # volumes copied now
+    kept: int = 0  # volumes found staged and intact
+    bytes_read: int = 0  # bytes read from the shared store
+    failed: int = 0  # volumes left to the shared store
+
+
+def stage_root(data: DataConfig, manifest: dict, host: str) -> Path:
+    """This node's staging folder for this store's content."""
+    base = data.stage_dir or os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return Path(base) / "pcl-hpc-stage" / host / str(manifest.get("content_hash", "unhashed"))[:16]
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def intact(root: Path, vid: str, checksum: str) -> bool:
+    """True when ``vid``'s copy under ``root`` was finished for this checksum and every file it had is there,
+    at its size (cheap: stats only; the content was verified when it was copied)."""
+    marker, folder = root / "volumes" / f"{vid}{MARKER}", root / "volumes" / vid
+    try:
+        record = json.loads(marker.read_text())
+        return record["content_sha256"] == checksum and all(
+            (folder / rel).stat().st_size == size for rel, size in record["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def verify(folder: Path) -> str:
+    """The content checksum of a volume folder, computed from its arrays."""
+    group = zarr.open_group(str(folder), mode="r")
+    return content_digest(group["image"][...], group["label"][...] if "label" in group else None)
+
+
+def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
+    """Copy one volume to ``root`` and verify it; the bytes read from the store (0 when already staged)."""
+    volumes = root / "volumes"
+    if intact(root, vid, checksum):
+        return 0
+    target, marker = volumes / vid, volumes / f"{vid}{MARKER}"
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    volumes.mkdir(parents=True, exist_ok=True)
+    tmp = volumes / f".tmp-{vid}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(Path(store) / "volumes" / vid, tmp)
+        got = verify(tmp)
+        if got != checksum:
+            raise StageError(f"its copy does not match the store's checksum ({got[:12]} != {checksum[:12]})")
+        files = _files(tmp)
+        os.rename(tmp, target)
+        write_text(marker, json.dumps({"content_sha256": checksum, "files": files}) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sum(files.values())
+
+
+def stage_volumes(store: str, vids: list[str], root: Path) -> Staged:
+    """Stage each of ``vids`` (this rank's part of its node's copying); one line for each that fails."""
+    done = Staged()
+    for vid in vids:
+        try:
+            checksum = volume_attrs(store, vid).get("content_sha256")
+            if not checksum:
+                raise StageError("the store has no content_sha256 for it (written by an older pcl-hpc: preprocess again)")
+            read = stage_volume(store, vid, root, checksum)
+            done.copied, done.kept, done.bytes_read = done.copied + bool(read), done.kept + (not read), done.bytes_read + read
+        except (OSError, StageError, ValueError, KeyError) as err:
+            done.failed += 1
+            why = f"no space left in {root}" if isinstance(err, OSError) and is_disk_full(err, root) else \
+                f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            print(f"warning: data.stage: volume {vid} is not staged ({why}); it is read from the shared store {store}",
+                  flush=True)
+    return done
+
+
+def stage(dataset: SliceDataset, data: DataConfig, manifest: dict, env: dist.DistEnv,
+          seed: int) -> VolumeShardSampler:
+    """Stage this node's shard of ``dataset`` (every rank calls it: a collective), point the dataset at the
+    copies, and return the sampler that keeps this rank on them."""
+    layout = dist.node_layout(env)
+    shards = shard_volumes(dataset.depths, layout.nodes)
+    mine = [dataset.volume_ids[v] for v in shards[layout.node]]
+    root = stage_root(data, manifest, layout.host)
+    start = time.perf_counter()
+    done = stage_volumes(dataset.store, mine[layout.local_index::layout.local_count], root)
+    dist.long_barrier(STAGE_TIMEOUT_S)
+    checksums = {vid: volume_attrs(dataset.store, vid).get("content_sha256") for vid in mine}
+    staged = {vid: root / "volumes" / vid for vid in mine if checksums[vid] and intact(root, vid, checksums[vid])}
+    dataset.use_local(staged)
+    report = dist.gather(env, (layout.node, done, time.perf_counter() - start, len(staged), len(mine)))
+    if env.is_main:
+        print(staging_line(report, root), flush=True)
+    return VolumeShardSampler(dataset.starts, shards, layout.per_node, layout.node, layout.local_index,
+                              env.world_size, env.rank, seed=seed)
+
+
+def staging_line(report: list[tuple[int, Staged, float, int, int]], root: Path) -> str:
+    """One line for the job: per node, what was copied and read from the shared store, and how long it took."""
+    nodes = {}
+    for node, done, seconds, staged, volumes in report:
+        n = nodes.setdefault(node, {"copied": 0, "kept": 0, "failed": 0, "bytes": 0, "s": 0.0, "of": (staged, volumes)})
+        n["copied"], n["kept"], n["failed"] = n["copied"] + done.copied, n["kept"] + done.kept, n["failed"] + done.failed
+        n["bytes"], n["s"] = n["bytes"] + done.bytes_read, max(n["s"], seconds)
+    parts = [f"node {k}: {n['of'][0]}/{n['of'][1]} volumes staged ({n['copied']} copied, {n['bytes'] / 1e6:.1f} MB "
+             f"read from the shared store; {n['kept']} kept; {n['failed']} failed) in {n['s']:.1f} s"
+             for k, n in sorted(nodes.items())]
+    return f"staging under {root.parent.parent}/<host>/{root.name}: " + "; ".join(parts)
