@@ -5,19 +5,24 @@ under CI (CI=true), where each one fails instead.
 
 What they check: one job over both nodes forms one process group whose ranks and local ranks are right on each
 node (the rendezvous address comes from the job's node list), and it ends bit-identical to the same global
-batch on one node (torchrun, as many processes); a time limit (SLURM's SIGUSR1 to every task), `scontrol
-requeue` (SIGTERM to every task on both nodes), SIGUSR1 sent from outside to the tasks of one node only, and
-the loss of one node's tasks (SIGKILL from outside) each end in one job, requeued, that finishes
-bit-identical with each step logged once.
+batch on one node (torchrun, as many processes); a time limit (SLURM's SIGUSR1 to every task), SIGUSR1 sent
+from outside to the tasks of one node only, and the loss of one node's tasks (SIGKILL from outside) each end
+in one job, requeued, that finishes bit-identical with each step logged once. With node-local staging
+(data.stage), `scontrol requeuehold` (SIGTERM to every task on both nodes) and a node that comes back without
+its staged copy end bit-identical to an uninterrupted staged run, each node reading its shard of the store
+once per job start (counted from outside).
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from pcl_hpc.data.store import volume_ids
 from tests.conftest import REPO
 from tests.test_slurm import (
     TINY,
@@ -32,6 +37,7 @@ from tests.test_slurm import (
     wait_for_steps,
 )
 from tests.test_spine import overrides
+from tests.test_staging import OpenCounter, staged_volumes, two_node_torchrun, volume_chunks
 
 PARTITION = "two"
 # torch threads per rank: by default cores / local ranks, so 1 rank per node would use 2 threads where the
@@ -110,26 +116,57 @@ def signal_node(job_id: str, node: str, signum: int) -> list[int]:
     return pids
 
 
-def test_scontrol_requeue_of_a_two_node_job_ends_bit_identical_to_one_node(demo_store, tmp_path):
-    # one task per node: ranks 0 and 1 on node1 and node2, each local rank 0; SIGTERM from SLURM reaches every
-    # task on both nodes, all save the same step, the job comes back once and finishes as if never stopped
-    steps = 200
+def job_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=30,
+                          check=False).stdout.strip()
+
+
+def test_a_staged_job_requeued_onto_a_node_without_its_copy_restages_it_and_ends_bit_identical(demo_store, tmp_path):
+    # data.stage on both nodes, one task each: `scontrol requeuehold` (SIGTERM to both nodes' tasks, which save the
+    # same step), node2's staged copy is deleted while the job is held (as if it came back on another machine),
+    # then released: node2 restages its shard, node1 keeps its own, and the job finishes bit-identical to an
+    # uninterrupted two-node staged run. The opens of the store's chunk files are counted from outside (inotify).
+    steps, stage_dir = 200, tmp_path / "local"
     out = tmp_path / "slurm"
     out.mkdir()
-    proc, job_id = two_nodes(demo_store, out, **{"pretrain.max_steps": steps})
-    wait_for_steps(out, 60, proc)
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
-    reference = beside(proc, out, lambda: one_node(demo_store, tmp_path / "one", 2, **{"pretrain.max_steps": steps}))
-    rc, out_text, err_text = finish(proc, out, timeout=300)
+    reference_store = tmp_path / "store-copy.zarr"  # the reference reads a copy: its opens are not the job's
+    shutil.copytree(demo_store, reference_store)
+    counter = OpenCounter(demo_store)
+    try:
+        proc, job_id = two_nodes(demo_store, out, **{"pretrain.max_steps": steps, "data.stage": "true",
+                                                     "data.stage_dir": str(stage_dir)})
+        wait_for_steps(out, 60, proc)
+        subprocess.run(["scontrol", "requeuehold", job_id], check=True, timeout=30)
+        deadline = time.monotonic() + 120
+        while not job_state(job_id).startswith("PENDING"):
+            assert time.monotonic() < deadline, f"job {job_id} not held: {job_state(job_id)}"
+            time.sleep(0.5)
+        shards = {node: staged_volumes(stage_dir, node) for node in ("node1", "node2")}
+        shutil.rmtree(stage_dir / "pcl-hpc-stage" / "node2")
+        subprocess.run(["scontrol", "release", job_id], check=True, timeout=30)
+        beside(proc, out, lambda: two_node_torchrun(str(reference_store), tmp_path / "two", **{
+            "pretrain.max_steps": steps, "data.stage_dir": str(tmp_path / "ref-local")}))
+        rc, out_text, err_text = finish(proc, out, timeout=300)
+        opened = counter.take()
+    finally:
+        counter.close()
     assert rc == 0, (out_text + err_text)[-4000:]
     job = slurm_job(job_id)
     assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2" and job["Restarts"] == "1", job
-    assert sacct_runs(job_id) == ["REQUEUED", "COMPLETED"]
     log0 = task_logs(out, job_id, 0)
     assert "process group: 2 ranks on 2 node(s): node1 ranks 0 (local 0); node2 ranks 1 (local 0)" in log0, log0[-3000:]
-    assert "after SIGTERM" in log0 and "resuming from" in log0, log0[-3000:]
-    assert "after SIGTERM" in task_logs(out, job_id, 1), "node2's task saved too"
-    assert_same_weights(out / "pretrain" / "encoder.pt", reference)
+    assert "after SIGTERM" in log0 and "resuming from" in log0 and "after SIGTERM" in task_logs(out, job_id, 1)
+    assert sacct_runs(job_id) == ["REQUEUED", "COMPLETED"]
+    assert shards["node1"] and shards["node2"] and not shards["node1"] & shards["node2"], shards
+    assert shards["node1"] | shards["node2"] == set(volume_ids(demo_store))
+    n1, n2 = len(shards["node1"]), len(shards["node2"])
+    restaged = [line for line in log0.splitlines() if line.startswith("staging under")][-1]
+    assert f"node 0: {n1}/{n1} volumes staged (0 copied" in restaged and \
+        f"node 1: {n2}/{n2} volumes staged ({n2} copied" in restaged, restaged
+    expected = {**{p: 1 for p in volume_chunks(demo_store, shards["node1"])},
+                **{p: 2 for p in volume_chunks(demo_store, shards["node2"])}}
+    assert opened == expected, "each node read its shard from the store once per job start, node2 again after losing it"
+    assert_same_weights(out / "pretrain" / "encoder.pt", tmp_path / "two" / "pretrain" / "encoder.pt")
     assert_each_step_once(out, steps)
 
 

@@ -107,7 +107,7 @@ def test_stage_copies_once_verifies_resumes_and_falls_back(tmp_path, capsys):
         opened.clear()
         for epoch in range(2):
             sampler.set_epoch(epoch)
-            batch = data.__getitems__(list(sampler))
+            data.__getitems__(list(sampler))
         assert opened == [], "training reads nothing from the shared store once staged"
         assert torch.equal(read_all(data)["image"], shared["image"])
         assert "5/5 volumes staged (5 copied" in capsys.readouterr().out
@@ -144,3 +144,103 @@ def test_stage_copies_once_verifies_resumes_and_falls_back(tmp_path, capsys):
     assert "volume v0 is not staged (StageError: its copy does not match" in out and "v0" not in last.local
     assert not (root / "volumes" / "v0").exists() and not (root / "volumes" / f"v0{MARKER}").exists()
     assert torch.equal(read_all(last)["image"], shared["image"])
+
+
+# ---------------------------------------------------------------- two nodes on this machine
+
+class OpenCounter:
+    """Counts, from outside the training processes, every open of a chunk file of the store (inotify on each
+    chunk folder): what a node really read from the shared store, whichever process or library opened it."""
+
+    def __init__(self, store: str):
+        import threading
+
+        from inotify_simple import INotify, flags
+
+        self.inotify, self.flags, self.paths, self.counts = INotify(), flags, {}, {}
+        for folder in Path(store).glob("volumes/*/*/c/*/0"):
+            self.paths[self.inotify.add_watch(str(folder), flags.OPEN)] = folder
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            for event in self.inotify.read(timeout=200):
+                if event.name and not event.mask & self.flags.ISDIR:
+                    path = self.paths[event.wd] / event.name
+                    self.counts[path] = self.counts.get(path, 0) + 1
+
+    def take(self) -> dict[Path, int]:
+        """The opens since the last take (waits for the kernel's queue to drain)."""
+        import time
+
+        time.sleep(0.5)
+        counts, self.counts = self.counts, {}
+        return counts
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.inotify.close()
+
+
+def staged_volumes(stage_dir: Path, host: str) -> set[str]:
+    return {p.name for p in stage_dir.glob(f"pcl-hpc-stage/{host}/*/volumes/*") if p.is_dir()}
+
+
+def volume_chunks(store: str, vids) -> set[Path]:
+    return {p for vid in vids for p in Path(store).glob(f"volumes/{vid}/*/c/*/0/0")}
+
+
+def two_node_torchrun(store: str, out: Path, hosts=("ref1", "ref2"), **extra) -> list[str]:
+    """Pretraining with data.stage over two nodes of one process each, by torchrun: each node a process tree in
+    its own UTS namespace (its own host name), meeting on 127.0.0.1. Returns each node's output."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import REPO
+    from tests.test_slurm import TINY
+    from tests.test_spine import overrides
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = overrides(store, out, **{**TINY, "engine.threads": 1, "data.stage": "true", **extra})
+    procs = [subprocess.Popen(
+        ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", sys.executable, "-m",
+         "torch.distributed.run", "--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+         f"--master_port={port}", "-m", "pcl_hpc", "pretrain", "--config", str(REPO / "configs" / "demo.yaml"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for k, host in enumerate(hosts)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+def test_two_nodes_each_stage_their_shard_once_and_restage_what_they_lost(demo_store, tmp_path):
+    from tests.test_slurm import assert_same_weights
+
+    stage_dir, steps = tmp_path / "local", {"pretrain.max_steps": 30, "data.stage_dir": str(tmp_path / "local")}
+    counter = OpenCounter(demo_store)
+    try:
+        logs = two_node_torchrun(demo_store, tmp_path / "a", **steps)
+        first = counter.take()
+        mine = {h: staged_volumes(stage_dir, h) for h in ("ref1", "ref2")}
+        assert mine["ref1"] and mine["ref2"] and not mine["ref1"] & mine["ref2"], mine
+        assert mine["ref1"] | mine["ref2"] == set(zstore.volume_ids(demo_store)), "the shards hold every volume"
+        assert set(first) == volume_chunks(demo_store, zstore.volume_ids(demo_store)), "only the store's chunks"
+        assert set(first.values()) == {1}, "each chunk read from the shared store once (per node), not per epoch"
+        assert "process group: 2 ranks on 2 node(s): ref1 ranks 0 (local 0); ref2 ranks 1 (local 0)" in logs[0]
+        assert f"node 1: {len(mine['ref2'])}/{len(mine['ref2'])} volumes staged ({len(mine['ref2'])} copied" in logs[0]
+
+        shutil.rmtree(next(stage_dir.glob("pcl-hpc-stage/ref2")))  # node 2 lost its disk (or is another machine)
+        logs = two_node_torchrun(demo_store, tmp_path / "b", **steps)
+        again = counter.take()
+        assert set(again) == volume_chunks(demo_store, mine["ref2"]) and set(again.values()) == {1}, \
+            "only the lost shard is read again"
+        assert f"node 0: {len(mine['ref1'])}/{len(mine['ref1'])} volumes staged (0 copied" in logs[0], logs[0][-2000:]
+    finally:
+        counter.close()
+    assert_same_weights(tmp_path / "a" / "pretrain" / "encoder.pt", tmp_path / "b" / "pretrain" / "encoder.pt")
