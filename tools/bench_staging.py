@@ -11,7 +11,8 @@ job of ``--nodes`` nodes with one rank each (the rank of node k is rank k):
 - loader_slices_s_shared / loader_slices_s_staged: slices/s of the training loader (2 workers, reading only)
   over one epoch of node 0's share, from the shared store against from the staged copy; both sit on this
   machine's one disk, so this shows what staging costs the reader, not a shared filesystem's slowness
-- compressed_kb_per_slice: the store's mean chunk size, for the README's cluster arithmetic
+- compressed_kb_per_slice, compression_ratio: the store's mean image chunk, and float32 bytes over stored
+  bytes, for the README's cluster arithmetic
 
     python tools/bench_staging.py [--nodes 2]
 """
@@ -81,6 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = demo_store(Path(tmp))
         chunks = list(Path(store).glob("volumes/*/image/c/*/0/0"))
+        raw = sum(4 * v["shape"][0] * v["shape"][1] * v["shape"][2] for v in read_manifest(store)["volumes"])
         store_mb = sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file()) / 1e6
         opened = OpenedBytes(store)
         data = SliceDataset(store, patch=64)
@@ -126,6 +128,7 @@ def main() -> None:
             "bench": "staging", "nodes": nodes, "volumes": len(data.volume_ids), "slices": len(data),
             "store_mb": round(store_mb, 2), "store_hash": read_manifest(store)["content_hash"][:12],
             "compressed_kb_per_slice": round(sum(p.stat().st_size for p in chunks) / len(chunks) / 1e3, 2),
+            "compression_ratio": round(raw / sum(p.stat().st_size for p in chunks), 2),
             "shared_mb_per_epoch_per_node": {"unstaged": [round(x, 2) for x in unstaged],
                                              "staged": [round(x, 2) for x in staged]},
             "staged_mb_per_node": staged_mb, "staging_s_per_node": staging_s,
