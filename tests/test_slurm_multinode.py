@@ -237,3 +237,34 @@ def test_a_time_limit_on_two_nodes_requeues_until_done_bit_identical(demo_store,
     assert "after SIGUSR1" in log0 and "after SIGUSR1" in log1, "the signal reached both nodes' tasks"
     assert_same_weights(out / "pretrain" / "encoder.pt", reference)
     assert_each_step_once(out, steps)
+
+
+def test_the_sweep_array_packs_cells_on_both_nodes(demo_store, tmp_path):
+    # 4 cells, 2 per array task, 2 tasks at once; each cells task takes a node's 2 CPUs (the share of a
+    # training stage of 2 tasks per node), so SLURM places the two tasks on the two nodes, and each runs its
+    # 2 cells side by side (sweep.workers=2), as a task on a node with 2 GPUs would run one cell per GPU
+    from datetime import datetime
+
+    from tests.test_slurm_chain import launcher, submitted, sweep_args, wait_done
+
+    out = tmp_path / "sweep"
+    proc = launcher("sweep", "--cluster", "slurm", "--time", "10", "--tasks-per-node", "2", "--cells-per-task", "2",
+                    "--array-parallelism", "2", "--config", str(REPO / "configs" / "demo.yaml"),
+                    *sweep_args(demo_store, out, **{"slurm.partition": PARTITION, "sweep.workers": 2,
+                                                    "finetune.epochs": 10}))
+    ids = submitted(proc.stdout)
+    assert "(array of 2)" in proc.stdout, proc.stdout
+    wait_done(list(ids.values()))
+    text = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ids["cells"], "-o", "JobID,NodeList,Start,End,State"],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+    tasks = [line.split("|") for line in text.splitlines() if line.strip()]
+    assert len(tasks) == 2 and all(t[4] == "COMPLETED" for t in tasks), text
+    assert sorted(t[1] for t in tasks) == ["node1", "node2"], f"one task per node: {text}"
+    (s0, e0), (s1, e1) = [(datetime.fromisoformat(t[2]), datetime.fromisoformat(t[3])) for t in tasks]
+    assert s0 < e1 and s1 < e0, f"the two tasks ran at the same time: {text}"
+    logs = sorted((out / "slurm" / "cells").glob(f"{ids['cells']}_*_0_log.out"))
+    assert len(logs) == 2, logs
+    for log in logs:
+        assert "2 cell(s) to run, 2 at a time" in log.read_text(), log.read_text()[-2000:]
+    assert (out / "sweep" / "summary.md").is_file()
+    assert len({line.split(",")[0] for line in (out / "sweep" / "results.csv").read_text().splitlines()[1:]}) == 4
