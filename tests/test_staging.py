@@ -20,6 +20,7 @@ from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
 from pcl_hpc.data.shards import VolumeShardSampler, shard_volumes
 from pcl_hpc.data.staging import MARKER, stage, stage_root
 from pcl_hpc.errors import UserError
+from tests.test_faults import small_disk  # noqa: F401 - the fixture: an 8 MiB tmpfs
 
 DEPTHS = [6, 9, 5, 7, 8]
 
@@ -244,3 +245,28 @@ def test_two_nodes_each_stage_their_shard_once_and_restage_what_they_lost(demo_s
     finally:
         counter.close()
     assert_same_weights(tmp_path / "a" / "pretrain" / "encoder.pt", tmp_path / "b" / "pretrain" / "encoder.pt")
+
+
+def test_an_unwritable_or_full_stage_dir_is_one_line_and_the_store_serves(tmp_path, capsys, small_disk):
+    store = small_store(tmp_path / "store.zarr")
+    manifest = zstore.read_manifest(store)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    data = SliceDataset(store, patch=12)
+    stage(data, DataConfig(store=store, stage=True, stage_dir=str(blocker)), manifest, dist.DistEnv(), seed=0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning")]
+    assert len(lines) == 1 and "5 volume(s) of this node, from v0 on, are read from the shared store" in lines[0], lines
+    assert data.local == {} and torch.equal(read_all(data)["image"], read_all(SliceDataset(store, patch=12))["image"])
+
+    # a real full disk: an 8 MiB tmpfs as the stage dir, and a third volume of 10 MB of noise (incompressible)
+    big = tmp_path / "big.zarr"
+    for k, shape in enumerate([(6, 12, 12), (6, 12, 12), (40, 256, 256)]):
+        zstore.write_volume(big, f"v{k}", np.random.default_rng(k).normal(size=shape).astype(np.float32), None,
+                            {"positions": [(i + 1) / shape[0] for i in range(shape[0])], "partitions": [0] * shape[0]})
+    zstore.write_manifest(big, {"folds": 2})
+    data = SliceDataset(str(big), patch=12)
+    stage(data, DataConfig(store=str(big), stage=True, stage_dir=str(small_disk)), zstore.read_manifest(big),
+          dist.DistEnv(), seed=0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning")]
+    assert len(lines) == 1 and "no space left in" in lines[0] and "1 volume(s) of this node, from v2 on" in lines[0], lines
+    assert sorted(data.local) == ["v0", "v1"] and not list(small_disk.rglob(".tmp-*")), "no partial copy is left"

@@ -79,6 +79,15 @@ def verify(folder: Path) -> str:
     return content_digest(group["image"][...], group["label"][...] if "label" in group else None)
 
 
+def _copy(source: Path, target: Path) -> None:
+    """Copy a volume folder file by file: the first error is raised as it is (shutil.copytree gathers them into
+    one without an errno, and a full disk must be told apart)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / path.relative_to(source))
+
+
 def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
     """Copy one volume to ``root`` and verify it; the bytes read from the store (0 when already staged)."""
     volumes = root / "volumes"
@@ -90,7 +99,7 @@ def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
     volumes.mkdir(parents=True, exist_ok=True)
     tmp = volumes / f".tmp-{vid}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(Path(store) / "volumes" / vid, tmp)
+        _copy(Path(store) / "volumes" / vid, tmp)
         got = verify(tmp)
         if got != checksum:
             raise StageError(f"its copy does not match the store's checksum ({got[:12]} != {checksum[:12]})")
@@ -103,22 +112,36 @@ def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
 
 
 def stage_volumes(store: str, vids: list[str], root: Path) -> Staged:
-    """Stage each of ``vids`` (this rank's part of its node's copying); one line for each that fails."""
+    """Stage each of ``vids`` (this rank's part of its node's copying). One line for each volume that fails,
+    and one for all the rest when the staging folder cannot be written or fills up."""
     done = Staged()
-    for vid in vids:
+    for k, vid in enumerate(vids):
         try:
+            if k == 0:
+                (root / "volumes").mkdir(parents=True, exist_ok=True)
             checksum = volume_attrs(store, vid).get("content_sha256")
             if not checksum:
                 raise StageError("the store has no content_sha256 for it (written by an older pcl-hpc: preprocess again)")
             read = stage_volume(store, vid, root, checksum)
             done.copied, done.kept, done.bytes_read = done.copied + bool(read), done.kept + (not read), done.bytes_read + read
-        except (OSError, StageError, ValueError, KeyError) as err:
-            done.failed += 1
-            why = f"no space left in {root}" if isinstance(err, OSError) and is_disk_full(err, root) else \
-                f"{type(err).__name__}: {err}".splitlines()[0][:200]
-            print(f"warning: data.stage: volume {vid} is not staged ({why}); it is read from the shared store {store}",
-                  flush=True)
+        except OSError as err:
+            if k and not is_disk_full(err, root):
+                _not_staged(done, store, vid, err)
+                continue
+            why = f"no space left in {root}" if is_disk_full(err, root) else f"cannot write to {root} ({err.strerror})"
+            done.failed += len(vids) - k
+            print(f"warning: data.stage: {why}; {len(vids) - k} volume(s) of this node, from {vid} on, are read from the "
+                  f"shared store {store}; set data.stage_dir to a node-local folder with room", flush=True)
+            break
+        except (StageError, ValueError, KeyError) as err:
+            _not_staged(done, store, vid, err)
     return done
+
+
+def _not_staged(done: Staged, store: str, vid: str, err: Exception) -> None:
+    done.failed += 1
+    why = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    print(f"warning: data.stage: volume {vid} is not staged ({why}); it is read from the shared store {store}", flush=True)
 
 
 def stage(dataset: SliceDataset, data: DataConfig, manifest: dict, env: dist.DistEnv,
