@@ -133,11 +133,14 @@ def test_stage_copies_once_verifies_resumes_and_falls_back(tmp_path, capsys):
     assert len(lines) == 2 and {"v1", "v3"} == {ln.split("volume ")[1].split()[0] for ln in lines}, lines
     assert all("reading it from the shared store" in ln for ln in lines)
 
-    # A copy that does not match the store's checksum is not used: one line, the shared store serves it.
-    attrs_file = Path(store) / "volumes" / "v0" / "zarr.json"
-    meta = json.loads(attrs_file.read_text())
-    meta["attributes"]["content_sha256"] = "0" * 64
-    attrs_file.write_text(json.dumps(meta))
+    # A copy that does not match the manifest's checksum is not used: one line, the shared store serves it.
+    assert [v["content_sha256"] for v in manifest["volumes"]] == [
+        zstore.volume_attrs(store, f"v{k}")["content_sha256"] for k in range(5)], "the manifest holds each checksum"
+    root_meta = Path(store) / "zarr.json"
+    meta = json.loads(root_meta.read_text())
+    meta["attributes"]["manifest"]["volumes"][0]["content_sha256"] = "0" * 64
+    root_meta.write_text(json.dumps(meta))
+    manifest = zstore.read_manifest(store)
     shutil.rmtree(root)
     last = SliceDataset(store, patch=12, with_labels=False)
     stage(last, data_cfg, manifest, dist.DistEnv(), seed=0)

@@ -76,14 +76,15 @@ def main() -> None:
 
     from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
     from pcl_hpc.data.shards import VolumeShardSampler, shard_volumes
-    from pcl_hpc.data.staging import intact, stage_volumes
-    from pcl_hpc.data.store import read_manifest, volume_attrs
+    from pcl_hpc.data.staging import checksum_of, intact, stage_volumes
+    from pcl_hpc.data.store import read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         store = demo_store(Path(tmp))
         chunks = list(Path(store).glob("volumes/*/image/c/*/0/0"))
         raw = sum(4 * v["shape"][0] * v["shape"][1] * v["shape"][2] for v in read_manifest(store)["volumes"])
         store_mb = sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file()) / 1e6
+        manifest = read_manifest(store)
         opened = OpenedBytes(store)
         data = SliceDataset(store, patch=64)
         nodes = args.nodes
@@ -100,11 +101,11 @@ def main() -> None:
             root = Path(tmp) / "local" / f"node{node}"
             vids = [data.volume_ids[v] for v in shards[node]]
             start = time.perf_counter()
-            done = stage_volumes(store, vids, root)
+            done = stage_volumes(store, vids, root, manifest)
             staging_s.append(round(time.perf_counter() - start, 2))
             staged_mb.append(round(done.bytes_read / 1e6, 2))
             opened.take()
-            assert done.failed == 0 and all(intact(root, v, volume_attrs(store, v)["content_sha256"]) for v in vids)
+            assert done.failed == 0 and all(intact(root, v, checksum_of(manifest, store, v)) for v in vids)
             samplers.append((root, vids, VolumeShardSampler(data.starts, shards, [1] * nodes, node, 0, nodes, node)))
         staged = []
         for root, vids, sampler in samplers:

@@ -5,8 +5,8 @@ the shared store to its own disk, and training reads them from there.
   under it ``pcl-hpc-stage/<host>/<store content hash>/volumes/<id>/``, laid out as in the store.
 * **what**: the node's shard (``pcl_hpc.data.shards``): each volume is read from the shared store once per
   node per job start, whatever the number of epochs. The node's ranks split the copying among them.
-* **verified**: a copy is checked against the volume's ``content_sha256`` (what the manifest's content
-  hash is built from) before it is renamed into place; a marker beside it lists its files and sizes.
+* **verified**: a copy is checked against the volume's ``content_sha256`` in the manifest (what its
+  content hash is built from) before it is renamed into place; a marker beside it lists its files and sizes.
 * **resumable**: a later job start (a requeue, perhaps on other machines) keeps every copy whose marker
   and files are intact and copies the rest; an interrupted copy is never taken for a finished one.
 * **fallback**: a volume that cannot be staged (disk full, checksum mismatch, read error) is read from the
@@ -31,7 +31,7 @@ from pcl_hpc.atomic import is_disk_full, write_text
 from pcl_hpc.config import DataConfig
 from pcl_hpc.data.dataset import SliceDataset
 from pcl_hpc.data.shards import VolumeShardSampler, shard_volumes
-from pcl_hpc.data.store import content_digest, volume_attrs
+from pcl_hpc.data.store import content_digest, read_manifest, volume_attrs
 
 MARKER = ".staged.json"  # <id>.staged.json beside a finished copy: its checksum, files and sizes
 STAGE_TIMEOUT_S = 6 * 3600  # how long a node's ranks wait for its copying (the process group's timeout is shorter)
@@ -111,15 +111,23 @@ def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
     return sum(files.values())
 
 
-def stage_volumes(store: str, vids: list[str], root: Path) -> Staged:
+def checksum_of(manifest: dict, store: str, vid: str) -> str | None:
+    """A volume's content checksum: from the manifest (one read for all volumes), else (a store written
+    before the manifest held them) from the volume's own attrs."""
+    entry = next((v for v in manifest["volumes"] if v["id"] == vid), {})
+    return entry.get("content_sha256") or volume_attrs(store, vid).get("content_sha256")
+
+
+def stage_volumes(store: str, vids: list[str], root: Path, manifest: dict | None = None) -> Staged:
     """Stage each of ``vids`` (this rank's part of its node's copying). One line for each volume that fails,
     and one for all the rest when the staging folder cannot be written or fills up."""
     done = Staged()
+    manifest = manifest or read_manifest(store)
     for k, vid in enumerate(vids):
         try:
             if k == 0:
                 (root / "volumes").mkdir(parents=True, exist_ok=True)
-            checksum = volume_attrs(store, vid).get("content_sha256")
+            checksum = checksum_of(manifest, store, vid)
             if not checksum:
                 raise StageError("the store has no content_sha256 for it (written by an older pcl-hpc: preprocess again)")
             read = stage_volume(store, vid, root, checksum)
@@ -153,9 +161,9 @@ def stage(dataset: SliceDataset, data: DataConfig, manifest: dict, env: dist.Dis
     mine = [dataset.volume_ids[v] for v in shards[layout.node]]
     root = stage_root(data, manifest, layout.host)
     start = time.perf_counter()
-    done = stage_volumes(dataset.store, mine[layout.local_index::layout.local_count], root)
+    done = stage_volumes(dataset.store, mine[layout.local_index::layout.local_count], root, manifest)
     dist.long_barrier(STAGE_TIMEOUT_S)
-    checksums = {vid: volume_attrs(dataset.store, vid).get("content_sha256") for vid in mine}
+    checksums = {vid: checksum_of(manifest, dataset.store, vid) for vid in mine}
     staged = {vid: root / "volumes" / vid for vid in mine if checksums[vid] and intact(root, vid, checksums[vid])}
     dataset.use_local(staged)
     report = dist.gather(env, (layout.node, done, time.perf_counter() - start, len(staged), len(mine)))

@@ -269,6 +269,7 @@ def write_manifest(
                 "labeled": bool(attrs.get("labeled")),
                 "fold": fold_of[vid],
                 "patient": patient_of[vid],
+                "content_sha256": attrs.get("content_sha256"),  # what node-local staging verifies a copy against
             }
         )
         entries.append((vid, attrs.get("content_sha256"), attrs.get("source_sha256"), attrs.get("label_sha256")))
