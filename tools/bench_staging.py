@@ -76,7 +76,7 @@ def main() -> None:
 
     from pcl_hpc.data.dataset import ResumableDistributedSampler, SliceDataset
     from pcl_hpc.data.shards import VolumeShardSampler, shard_volumes
-    from pcl_hpc.data.staging import checksum_of, intact, stage_volumes
+    from pcl_hpc.data.staging import checksums, intact, stage_volumes
     from pcl_hpc.data.store import read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +105,7 @@ def main() -> None:
             staging_s.append(round(time.perf_counter() - start, 2))
             staged_mb.append(round(done.bytes_read / 1e6, 2))
             opened.take()
-            assert done.failed == 0 and all(intact(root, v, checksum_of(manifest, store, v)) for v in vids)
+            assert done.failed == 0 and all(intact(root, v, checksums(manifest, store, [v])[v]) for v in vids)
             samplers.append((root, vids, VolumeShardSampler(data.starts, shards, [1] * nodes, node, 0, nodes, node)))
         staged = []
         for root, vids, sampler in samplers:

@@ -111,23 +111,23 @@ def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
     return sum(files.values())
 
 
-def checksum_of(manifest: dict, store: str, vid: str) -> str | None:
-    """A volume's content checksum: from the manifest (one read for all volumes), else (a store written
+def checksums(manifest: dict, store: str, vids: list[str]) -> dict[str, str | None]:
+    """Each volume's content checksum: from the manifest (one read for all volumes), else (a store written
     before the manifest held them) from the volume's own attrs."""
-    entry = next((v for v in manifest["volumes"] if v["id"] == vid), {})
-    return entry.get("content_sha256") or volume_attrs(store, vid).get("content_sha256")
+    listed = {v["id"]: v.get("content_sha256") for v in manifest["volumes"]}
+    return {vid: listed.get(vid) or volume_attrs(store, vid).get("content_sha256") for vid in vids}
 
 
 def stage_volumes(store: str, vids: list[str], root: Path, manifest: dict | None = None) -> Staged:
     """Stage each of ``vids`` (this rank's part of its node's copying). One line for each volume that fails,
     and one for all the rest when the staging folder cannot be written or fills up."""
     done = Staged()
-    manifest = manifest or read_manifest(store)
+    table = checksums(manifest or read_manifest(store), store, vids)
     for k, vid in enumerate(vids):
         try:
             if k == 0:
                 (root / "volumes").mkdir(parents=True, exist_ok=True)
-            checksum = checksum_of(manifest, store, vid)
+            checksum = table[vid]
             if not checksum:
                 raise StageError("the store has no content_sha256 for it (written by an older pcl-hpc: preprocess again)")
             read = stage_volume(store, vid, root, checksum)
@@ -141,7 +141,7 @@ def stage_volumes(store: str, vids: list[str], root: Path, manifest: dict | None
             print(f"warning: data.stage: {why}; {len(vids) - k} volume(s) of this node, from {vid} on, are read from the "
                   f"shared store {store}; set data.stage_dir to a node-local folder with room", flush=True)
             break
-        except (StageError, ValueError, KeyError) as err:
+        except (StageError, ValueError, KeyError, RuntimeError) as err:  # RuntimeError: a codec's on a bad chunk
             _not_staged(done, store, vid, err)
     return done
 
@@ -163,8 +163,8 @@ def stage(dataset: SliceDataset, data: DataConfig, manifest: dict, env: dist.Dis
     start = time.perf_counter()
     done = stage_volumes(dataset.store, mine[layout.local_index::layout.local_count], root, manifest)
     dist.long_barrier(STAGE_TIMEOUT_S)
-    checksums = {vid: checksum_of(manifest, dataset.store, vid) for vid in mine}
-    staged = {vid: root / "volumes" / vid for vid in mine if checksums[vid] and intact(root, vid, checksums[vid])}
+    table = checksums(manifest, dataset.store, mine)
+    staged = {vid: root / "volumes" / vid for vid in mine if table[vid] and intact(root, vid, table[vid])}
     dataset.use_local(staged)
     report = dist.gather(env, (layout.node, done, time.perf_counter() - start, len(staged), len(mine)))
     if env.is_main:
