@@ -223,6 +223,7 @@ def two_node_torchrun(store: str, out: Path, hosts=("ref1", "ref2"), **extra) ->
     return logs
 
 
+@pytest.mark.slow
 def test_two_nodes_each_stage_their_shard_once_and_restage_what_they_lost(demo_store, tmp_path):
     from tests.test_slurm import assert_same_weights
 
