@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/pcl-hpc demo --config configs/demo.yaml --out outputs/demo
 
-experiment: $(STAMP)  # the demo's protocol with the power to answer: 9 pairs at M = 1, both modes, a positive control (1.5-2 h)
+experiment: $(STAMP)  # the demo's protocol with the power to answer: 15 pairs at M = 1 (9 frozen), a positive control (about 3 h)
 	$(VENV)/bin/pcl-hpc demo --config configs/experiment.yaml --out outputs/experiment
 
 demo-nnunet: $(STAMP)  # the demo's protocol with nnU-Net as the fine-tuning trainer (longer than make demo)
