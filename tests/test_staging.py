@@ -248,3 +248,36 @@ def test_an_unwritable_or_full_stage_dir_is_one_line_and_the_store_serves(tmp_pa
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning")]
     assert len(lines) == 1 and "no space left in" in lines[0] and "1 volume(s) of this node, from v2 on" in lines[0], lines
     assert sorted(data.local) == ["v0", "v1"] and not list(small_disk.rglob(".tmp-*")), "no partial copy is left"
+
+
+def _stage_all(store: str, root: str, out, start) -> None:
+    from pcl_hpc.data.staging import stage_volumes
+
+    start.wait(60)  # both processes begin together
+    done = stage_volumes(store, [f"v{k}" for k in range(5)], Path(root))
+    out.put((done.copied, done.kept, done.failed))
+
+
+def test_two_jobs_on_one_node_stage_each_volume_once(tmp_path):
+    # two processes (two jobs packed on one node) stage the same store into the same folder at once: they take
+    # turns per volume, so each chunk file of the store is opened once in all (counted from outside, inotify)
+    import multiprocessing
+
+    store = small_store(tmp_path / "store.zarr")
+    root = tmp_path / "local" / "node"
+    counter = OpenCounter(store)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        out, start = ctx.Queue(), ctx.Barrier(2)
+        jobs = [ctx.Process(target=_stage_all, args=(store, str(root), out, start)) for _ in range(2)]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(120)
+        results = [out.get(timeout=10) for _ in jobs]
+        opened = counter.take()
+    finally:
+        counter.close()
+    assert all(job.exitcode == 0 for job in jobs)
+    assert sum(r[0] for r in results) == 5 and sum(r[1] for r in results) == 5 and not any(r[2] for r in results)
+    assert opened == {p: 1 for p in volume_chunks(store, [f"v{k}" for k in range(5)])}, "each chunk read once"

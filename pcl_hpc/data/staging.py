@@ -8,13 +8,16 @@ the shared store to its own disk, and training reads them from there.
 * **verified**: a copy is checked against the volume's ``content_sha256`` in the manifest (what its
   content hash is built from) before it is renamed into place; a marker beside it lists its files and sizes.
 * **resumable**: a later job start (a requeue, perhaps on other machines) keeps every copy whose marker
-  and files are intact and copies the rest; an interrupted copy is never taken for a finished one.
+  and files are intact and copies the rest; an interrupted copy is never taken for a finished one. Jobs
+  that share a node and a store take turns per volume (a file lock), so each volume is copied once.
 * **fallback**: a volume that cannot be staged (disk full, checksum mismatch, read error) is read from the
   shared store, with one line; so is one whose copy disappears or breaks mid-run (``SliceDataset``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -88,15 +91,33 @@ def _copy(source: Path, target: Path) -> None:
             shutil.copyfile(path, target / path.relative_to(source))
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (created if missing) while the block runs: two jobs on one node that stage
+    the same volume (sweep cells packed on a node, say) take turns, and the second finds it staged."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def stage_volume(store: str, vid: str, root: Path, checksum: str) -> int:
     """Copy one volume to ``root`` and verify it; the bytes read from the store (0 when already staged)."""
     volumes = root / "volumes"
     if intact(root, vid, checksum):
         return 0
+    volumes.mkdir(parents=True, exist_ok=True)
+    with _locked(volumes / f".{vid}.lock"):
+        return 0 if intact(root, vid, checksum) else _copy_volume(store, vid, root, checksum)
+
+
+def _copy_volume(store: str, vid: str, root: Path, checksum: str) -> int:
+    volumes = root / "volumes"
     target, marker = volumes / vid, volumes / f"{vid}{MARKER}"
     marker.unlink(missing_ok=True)
     shutil.rmtree(target, ignore_errors=True)
-    volumes.mkdir(parents=True, exist_ok=True)
     tmp = volumes / f".tmp-{vid}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _copy(Path(store) / "volumes" / vid, tmp)
