@@ -134,10 +134,7 @@ def layout_text(places: list[tuple[str, int]]) -> str:
 def report_layout(env: DistEnv) -> None:
     """Rank 0 prints where every rank of the new group runs (host name, local rank): on a cluster, the first
     thing to read when a multi-node launch misbehaves."""
-    import socket
-
-    places: list = [None] * env.world_size
-    torch_dist.all_gather_object(places, (socket.gethostname(), env.local_rank))
+    places = gather(env, (socket.gethostname(), env.local_rank))
     if env.is_main:
         print(layout_text(places), flush=True)
 
@@ -173,7 +170,7 @@ def node_layout(env: DistEnv) -> NodeLayout:
     hosts = gather(env, host)
     order = list(dict.fromkeys(hosts))
     mine = tuple(r for r, h in enumerate(hosts) if h == host)
-    return NodeLayout(order.index(host), mine, env.rank if env.distributed else 0, host,
+    return NodeLayout(order.index(host), mine, env.rank, host,
                       tuple(hosts.count(h) for h in order))
 
 

@@ -101,11 +101,12 @@ def main() -> None:
             root = Path(tmp) / "local" / f"node{node}"
             vids = [data.volume_ids[v] for v in shards[node]]
             start = time.perf_counter()
-            done = stage_volumes(store, vids, root, manifest)
+            table = checksums(manifest, store, vids)
+            done = stage_volumes(store, vids, root, table)
             staging_s.append(round(time.perf_counter() - start, 2))
             staged_mb.append(round(done.bytes_read / 1e6, 2))
             opened.take()
-            assert done.failed == 0 and all(intact(root, v, checksums(manifest, store, [v])[v]) for v in vids)
+            assert done.failed == 0 and all(intact(root, v, table[v]) for v in vids)
             samplers.append((root, vids, VolumeShardSampler(data.starts, shards, [1] * nodes, node, 0, nodes, node)))
         staged = []
         for root, vids, sampler in samplers:

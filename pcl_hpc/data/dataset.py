@@ -389,11 +389,12 @@ class ResumableDistributedSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("shards") != self.state_dict().get("shards"):
+        mine = self.state_dict().get("shards")
+        if state.get("shards") != mine:
             raise UserError(
                 f"cannot resume the sampler: the checkpoint's volume shards are {state.get('shards') or 'none'} but this "
-                f"run's are {self.state_dict().get('shards') or 'none'} (data.stage shards the store by node); resume "
-                f"with the same data.stage setting and number of nodes")
+                f"run's are {mine or 'none'} (data.stage shards the store by node); resume with the same data.stage "
+                f"setting and number of nodes")
         for key in ("num_replicas", "dataset_len", "seed"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise UserError(

@@ -139,11 +139,12 @@ def checksums(manifest: dict, store: str, vids: list[str]) -> dict[str, str | No
     return {vid: listed.get(vid) or volume_attrs(store, vid).get("content_sha256") for vid in vids}
 
 
-def stage_volumes(store: str, vids: list[str], root: Path, manifest: dict | None = None) -> Staged:
-    """Stage each of ``vids`` (this rank's part of its node's copying). One line for each volume that fails,
-    and one for all the rest when the staging folder cannot be written or fills up."""
+def stage_volumes(store: str, vids: list[str], root: Path, table: dict[str, str | None] | None = None) -> Staged:
+    """Stage each of ``vids`` (this rank's part of its node's copying), against ``table`` (:func:`checksums`;
+    read here when not given). One line for each volume that fails, and one for all the rest when the staging
+    folder cannot be written or fills up."""
     done = Staged()
-    table = checksums(manifest or read_manifest(store), store, vids)
+    table = table if table is not None else checksums(read_manifest(store), store, vids)
     for k, vid in enumerate(vids):
         try:
             if k == 0:
@@ -182,9 +183,9 @@ def stage(dataset: SliceDataset, data: DataConfig, manifest: dict, env: dist.Dis
     mine = [dataset.volume_ids[v] for v in shards[layout.node]]
     root = stage_root(data, manifest, layout.host)
     start = time.perf_counter()
-    done = stage_volumes(dataset.store, mine[layout.local_index::layout.local_count], root, manifest)
-    dist.long_barrier(STAGE_TIMEOUT_S)
     table = checksums(manifest, dataset.store, mine)
+    done = stage_volumes(dataset.store, mine[layout.local_index::layout.local_count], root, table)
+    dist.long_barrier(STAGE_TIMEOUT_S)
     staged = {vid: root / "volumes" / vid for vid in mine if table[vid] and intact(root, vid, table[vid])}
     dataset.use_local(staged)
     report = dist.gather(env, (layout.node, done, time.perf_counter() - start, len(staged), len(mine)))
